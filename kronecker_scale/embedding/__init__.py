@@ -1,0 +1,9 @@
+"""Byte tables, codec math and the single-device KroneckerEmbedding."""
+from .byte_table import BYTE_SOURCES, ByteTable, ByteTableStats, utf8_safe_truncate
+from .codec import codec_dim, dense_codec, scale_tables
+from .kronecker_embedding import (IMPLS, KroneckerEmbedding, check_token_ids, kronecker_embed_dense,
+                                  kronecker_embed_torch)
+
+__all__ = ["BYTE_SOURCES", "ByteTable", "ByteTableStats", "IMPLS", "KroneckerEmbedding", "check_token_ids",
+           "codec_dim", "dense_codec", "kronecker_embed_dense", "kronecker_embed_torch", "scale_tables",
+           "utf8_safe_truncate"]

@@ -1,0 +1,197 @@
+"""KroneckerEmbedding: nn.Embedding's contract, one [256 * pos_dim, d] projection, no V x d table.
+
+Implementations (all compute DESIGN.md §2):
+- `dense`: materialises the normalized [N, D] code, then a matmul: the reference semantics.
+- `torch`: the closed form, `F.embedding_bag` over the <= P valid rows of each token weighted by
+  alpha(L), plus beta(L) * colsum(W). No [N, D] tensor; fp32 accumulation for half types.
+- `triton`: the fused kernels in `kronecker_scale.kernels` (CUDA; chosen by `auto` there).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import KScaleError
+from .byte_table import ByteTable, utf8_safe_truncate
+from .codec import codec_dim, dense_codec, flat_codec_index, scale_tables
+
+IMPLS = ("auto", "dense", "torch", "triton")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def kronecker_embed_torch(token_bytes: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor,
+                          alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Closed form for explicit bytes: uint8 [N, P], lengths [N], weight [D, d] -> [N, d] in weight dtype.
+
+    alpha/beta are the [P + 1] scale tables (any float dtype; used in the compute dtype). `weight` may
+    be a column slice of the full projection (tensor-parallel shard).
+    """
+    N, P = token_bytes.shape
+    cdt = _compute_dtype(weight.dtype)
+    w = weight.to(cdt)
+    L = lengths.to(torch.int64)
+    valid = torch.arange(P, device=token_bytes.device) < L[:, None]
+    rows = flat_codec_index(token_bytes)[valid]                       # [sum L], token-major order
+    offsets = torch.zeros(N, dtype=torch.int64, device=token_bytes.device)
+    if N > 1:
+        offsets[1:] = torch.cumsum(L, 0)[:-1]
+    a, b = alpha.to(device=w.device, dtype=cdt)[L], beta.to(device=w.device, dtype=cdt)[L]
+    out = F.embedding_bag(rows, w, offsets, mode="sum", per_sample_weights=a.repeat_interleave(L))
+    if bool((b != 0).any()):
+        out = out + b[:, None] * w.sum(0)
+    return out.to(weight.dtype)
+
+
+def kronecker_embed_dense(token_bytes: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor, *,
+                          length_normalize: bool, z_normalize: bool, eps: float) -> torch.Tensor:
+    """Reference semantics: codec in fp32 (fp64 for an fp64 weight), cast to the weight dtype, matmul."""
+    codec_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    x = dense_codec(token_bytes, lengths, length_normalize=length_normalize, z_normalize=z_normalize,
+                    eps=eps, dtype=codec_dtype)
+    return x.to(weight.dtype) @ weight
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise a KScaleError naming the first id outside [0, vocab_size) and where it sits."""
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise KScaleError(f"token ids must be an integer tensor, got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)
+    if int(lo) < 0 or int(hi) >= vocab_size:
+        bad = ((ids < 0) | (ids >= vocab_size)).nonzero()[0].tolist()
+        value = int(ids[tuple(bad)])
+        raise KScaleError(f"token id {value} is out of range for vocabulary size V={vocab_size} "
+                          f"(valid ids 0..{vocab_size - 1})", where=f"input position {tuple(bad)}",
+                          fix="check that the data was tokenized with this model's tokenizer")
+
+
+class KroneckerEmbedding(nn.Module):
+    """Kronecker input embedding with one parameter `weight` [256 * pos_dim, d_model].
+
+    Row `byte * pos_dim + pos` of `weight` is the code cell (byte, pos); init N(0, 1/D). The byte
+    table is a persistent buffer (it travels in the state dict with its fingerprint, checked on load).
+    """
+
+    def __init__(self, byte_table: ByteTable, d_model: int, length_normalize: bool = True,
+                 z_normalize: bool = True, eps: float = 1e-6, impl: str = "auto",
+                 deterministic: bool | None = None, device=None, dtype=None):
+        super().__init__()
+        if impl not in IMPLS:
+            raise KScaleError(f"unknown embedding impl {impl!r}", where="embedding.impl",
+                              fix=f"use one of {', '.join(IMPLS)}")
+        if d_model < 1:
+            raise KScaleError(f"d_model must be >= 1, got {d_model}", where="model.d_model")
+        self.pos_dim = byte_table.pos_dim
+        self.codec_dim = codec_dim(self.pos_dim)
+        self.num_embeddings = byte_table.vocab_size
+        self.embedding_dim = d_model
+        self.length_normalize, self.z_normalize, self.eps = length_normalize, z_normalize, eps
+        self.impl = impl
+        self.deterministic = deterministic
+        self.byte_table_fingerprint = byte_table.fingerprint
+        self.weight = nn.Parameter(torch.empty(self.codec_dim, d_model, device=device, dtype=dtype))
+        self.register_buffer("token_bytes", byte_table.bytes.clone().to(device), persistent=True)
+        self.register_buffer("token_lengths", byte_table.lengths.clone().to(device), persistent=True)
+        alpha, beta = scale_tables(self.pos_dim, length_normalize=length_normalize, z_normalize=z_normalize,
+                                   eps=eps, dtype=torch.float64)
+        self.register_buffer("alpha", alpha.to(device), persistent=False)
+        self.register_buffer("beta", beta.to(device), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=1.0 / math.sqrt(self.codec_dim))
+
+    # --- implementation choice ------------------------------------------------------------
+    def resolved_impl(self) -> str:
+        if self.impl != "auto":
+            return self.impl
+        if self.weight.is_cuda and _triton_available():
+            return "triton"
+        return "torch"
+
+    def _embed_bytes(self, token_bytes: torch.Tensor, lengths: torch.Tensor, impl: str) -> torch.Tensor:
+        if impl == "dense":
+            return kronecker_embed_dense(token_bytes, lengths, self.weight, length_normalize=self.length_normalize,
+                                         z_normalize=self.z_normalize, eps=self.eps)
+        return kronecker_embed_torch(token_bytes, lengths, self.weight, self.alpha, self.beta)
+
+    # --- forward --------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        check_token_ids(ids, self.num_embeddings)
+        flat = ids.reshape(-1)
+        impl = self.resolved_impl()
+        if impl == "triton":
+            from kronecker_scale.kernels import kronecker_embedding_triton
+            out = kronecker_embedding_triton(flat, self.token_bytes, self.token_lengths, self.weight,
+                                             self.alpha, self.beta, deterministic=self.deterministic)
+        else:
+            out = self._embed_bytes(self.token_bytes[flat], self.token_lengths[flat], impl)
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    def forward_with_byte_override(self, ids: torch.Tensor, overrides: dict) -> torch.Tensor:
+        """Embed `ids`, but give the positions in `overrides` ({index: bytes}) arbitrary bytes.
+
+        Keys are indices into `ids` (an int for 1-D ids, else a tuple); values are any byte string
+        (UTF-8-safe truncated to pos_dim), so out-of-vocabulary strings get an embedding.
+        """
+        check_token_ids(ids, self.num_embeddings)
+        tb = self.token_bytes[ids].clone()        # [..., P]
+        L = self.token_lengths[ids].clone()
+        for index, raw in overrides.items():
+            if isinstance(raw, str):
+                raw = raw.encode("utf-8")
+            raw = utf8_safe_truncate(bytes(raw), self.pos_dim)
+            row = torch.zeros(self.pos_dim, dtype=torch.uint8, device=tb.device)
+            row[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+            try:
+                tb[index] = row
+                L[index] = len(raw)
+            except IndexError:
+                raise KScaleError(f"byte override index {index} is outside ids of shape {tuple(ids.shape)}") from None
+        impl = "dense" if self.impl == "dense" else "torch"
+        out = self._embed_bytes(tb.reshape(-1, self.pos_dim), L.reshape(-1), impl)
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    # --- state dict: the fingerprint is checked before any buffer is overwritten -----------
+    def get_extra_state(self):
+        return {"byte_table_fingerprint": self.byte_table_fingerprint, "pos_dim": self.pos_dim,
+                "length_normalize": self.length_normalize, "z_normalize": self.z_normalize, "eps": self.eps}
+
+    def set_extra_state(self, state) -> None:
+        pass  # checked in _load_from_state_dict, before the buffers are copied
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict):
+            mine = self.get_extra_state()
+            if extra.get("byte_table_fingerprint") != self.byte_table_fingerprint:
+                raise KScaleError(
+                    f"byte table fingerprint mismatch: checkpoint has {extra.get('byte_table_fingerprint')}, "
+                    f"this model has {self.byte_table_fingerprint}", where=f"state dict key {prefix}_extra_state",
+                    fix="build the model from the tokenizer and pos_dim/byte_source the checkpoint was trained with")
+            for key in ("pos_dim", "length_normalize", "z_normalize", "eps"):
+                if extra.get(key) != mine[key]:
+                    raise KScaleError(f"embedding setting {key} differs: checkpoint {extra.get(key)!r}, "
+                                      f"model {mine[key]!r}", where=f"state dict key {prefix}_extra_state")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, pos_dim={self.pos_dim}, "
+                f"length_normalize={self.length_normalize}, z_normalize={self.z_normalize}, impl={self.impl!r}")
+
+
+def _triton_available() -> bool:
+    try:
+        import kronecker_scale.kernels as k
+        return bool(getattr(k, "kronecker_embedding_triton", None)) and torch.cuda.is_available()
+    except Exception:
+        return False
