@@ -27,13 +27,15 @@ stamp=.venv/.kscale-setup-$stamp_key
 if [ ! -f "$stamp" ]; then
   echo "== kscale set-up: creating .venv (a few minutes the first time)"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
-  "${PIP[@]}" install torch==2.13.0 -c $C
-  "${PIP[@]}" install -r requirements/lock-cpu.txt -c $C
-  "${PIP[@]}" install --no-deps --ignore-requires-python -r requirements/no-deps.txt -c $C
+  pip_q() {  # quiet pip; drops this machine's harmless "find-links location is ignored" warnings
+    { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1; } | { grep -v "is ignored: it is neither" || true; }
+  }
+  pip_q install torch==2.13.0 -c $C
+  pip_q install -r requirements/lock-cpu.txt -c $C
+  pip_q install --no-deps --ignore-requires-python -r requirements/no-deps.txt -c $C
   # PyPI's torchvision is a CUDA build that cannot load beside the CPU torch; streaming works without it
-  "${PIP[@]}" uninstall -y torchvision >/dev/null 2>&1 || true
-  "${PIP[@]}" install --no-deps -e . -c $C
+  pip_q uninstall -y torchvision >/dev/null 2>&1 || true
+  pip_q install --no-deps -e . -c $C
   .venv/bin/python -c 'import torch, sys; v = torch.__version__; sys.exit(0 if v.endswith("+cpu") else f"expected the CPU torch, found {v}")'
   rm -f .venv/.kscale-setup-*
   touch "$stamp"
