@@ -151,6 +151,21 @@ def cmd_demo(args) -> int:
     return 1 if missing else 0
 
 
+# --- benchmarks -----------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    from .bench import embedding
+    con = _console()
+    command = (f"kscale bench embedding --grid {args.grid} --providers {' '.join(args.providers)} "
+               f"--reps {args.reps}" + (f" --device {args.device}" if args.device else ""))
+    con.print(f"embedding benchmark, grid {args.grid!r}, providers {', '.join(args.providers)}")
+    results = embedding.run(args.grid, args.providers, args.reps, args.device, progress=con.print,
+                            max_dense_bytes=args.max_dense_mib << 20)
+    paths = embedding.write_outputs(results, Path(args.out), command)
+    con.print(paths["md"].read_text())
+    con.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kscale", description="kronecker-scale: GPT pretraining with Kronecker embeddings")
     sub = p.add_subparsers(dest="command", required=True)
@@ -178,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=1024)
     s.add_argument("--heads", type=int, default=12)
     s.set_defaults(func=cmd_params)
+
+    s = sub.add_parser("bench", help="benchmarks; `bench embedding`: implementations vs nn.Embedding")
+    s.add_argument("what", choices=["embedding"])
+    s.add_argument("--grid", choices=["cpu", "full", "smoke"], default="cpu",
+                   help="cpu: what 2 cores finish in minutes; full: the GPU grid (N 4K-64K, d 768-4096)")
+    s.add_argument("--providers", nargs="+", default=["nn_embedding", "kron_torch", "kron_dense", "kron_triton",
+                                                      "kron_triton_det"])
+    s.add_argument("--reps", type=int, default=5)
+    s.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--max-dense-mib", type=int, default=4096,
+                   help="skip kron_dense where its [N, D] fp32 codec alone would exceed this")
+    s.add_argument("--out", default="runs/bench")
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="byte tables of real tokenizers + parameter tables (the README's main job)")
     s.add_argument("--out", default="runs/demo")

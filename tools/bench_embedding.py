@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Same as `kscale bench embedding`, for running from a checkout: python tools/bench_embedding.py --help"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kronecker_scale.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "embedding", *sys.argv[1:]]))
