@@ -153,8 +153,19 @@ def cmd_demo(args) -> int:
 
 # --- benchmarks -----------------------------------------------------------------------------
 def cmd_bench(args) -> int:
-    from .bench import embedding
     con = _console()
+    if args.what == "tp-embedding":
+        from .bench import tp_embedding
+        rows = tp_embedding.run(args.tp, args.tokens, args.d_model, args.pos_dim, reps=args.reps)
+        md = tp_embedding.markdown(rows, f"kscale bench tp-embedding --tp {args.tp} --tokens {args.tokens} "
+                                         f"--d-model {args.d_model} --pos-dim {args.pos_dim} --reps {args.reps}")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_tp_embedding.md").write_text(md)
+        (out / "bench_tp_embedding.json").write_text(json.dumps(rows, indent=2))
+        con.print(md)
+        return 0
+    from .bench import embedding
     command = (f"kscale bench embedding --grid {args.grid} --providers {' '.join(args.providers)} "
                f"--reps {args.reps}" + (f" --device {args.device}" if args.device else ""))
     con.print(f"embedding benchmark, grid {args.grid!r}, providers {', '.join(args.providers)}")
@@ -195,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_params)
 
     s = sub.add_parser("bench", help="benchmarks; `bench embedding`: implementations vs nn.Embedding")
-    s.add_argument("what", choices=["embedding"])
+    s.add_argument("what", choices=["embedding", "tp-embedding"],
+                   help="embedding: implementations vs nn.Embedding; tp-embedding: the two TP layouts")
+    s.add_argument("--tp", type=int, default=2, help="tp-embedding: processes (gloo on CPU)")
+    s.add_argument("--tokens", type=int, default=4096, help="tp-embedding: tokens per step")
+    s.add_argument("--d-model", type=int, default=1024, help="tp-embedding")
+    s.add_argument("--pos-dim", type=int, default=32, help="tp-embedding")
     s.add_argument("--grid", choices=["cpu", "full", "smoke"], default="cpu",
                    help="cpu: what 2 cores finish in minutes; full: the GPU grid (N 4K-64K, d 768-4096)")
     s.add_argument("--providers", nargs="+", default=["nn_embedding", "kron_torch", "kron_dense", "kron_triton",

@@ -1,0 +1,430 @@
+"""The one adapter between kronecker-scale and megatron-core 0.19.x: a GPTModel with a pluggable input
+layer (Kronecker or BPE) and head (untied, tied, Kronecker-tied).
+
+Everything else (transformer layers, TP/SP/PP, schedules, DDP, distributed optimizer, checkpoint
+format) is megatron-core's, used as it is. The integration points (research/anchors.md §11):
+
+- `LanguageModelEmbedding` is hard-coded in GPTModel.__init__: while the model is built it is
+  swapped for `KroneckerLanguageModelEmbedding` (same constructor, same [s(/TP), b, h] output), so
+  no V x d table is ever allocated.
+- The Kronecker-tied head replaces `output_layer` inside `setup_embeddings_and_output_layer`, before
+  megatron ties first and last pipeline stages: the last stage holds a copy of the projection, zeroed
+  and all-reduced from the first stage, and `finalize_model_grads` all-reduces its gradient, exactly
+  as for a tied BPE table.
+- Tensor parallelism of the projection (DESIGN.md §5): `shard_d` keeps W[:, d/TP] per rank (kernel on
+  the column slice, then all-gather, or all-to-all to [s/TP, b, d] under SP); `replicated` keeps all
+  of W on every rank and, under SP, embeds only the local sequence slice (W.sequence_parallel = True,
+  so megatron sums its gradient over TP).
+- megatron's local spec refuses sequence parallelism with torch norms; `SequenceParallelNorm`
+  supplies torch LayerNorm/RMSNorm whose parameters carry `sequence_parallel`, as TE's norms do.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import gpt_model as _gpt_model_module
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.tensor_parallel.layers import (_initialize_affine_weight_cpu, _initialize_affine_weight_gpu,
+                                                  set_tensor_model_parallel_attributes)
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.utils import (get_tensor_model_parallel_group_if_none, make_sharded_tensor_for_checkpoint,
+                                 make_tp_sharded_tensor_for_checkpoint)
+from torch import nn
+
+from ..embedding import ByteTable, KroneckerEmbedding, codec_dim, kronecker_embed_torch, scale_tables
+from ..errors import KScaleError
+
+# megatron logs "GPTModel IS DEPRECATED" on every build; HybridModel has no GPT-2-style layout we need
+logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(lambda r: "DEPRECATED" not in r.getMessage())
+
+INPUT_LAYERS = ("kronecker", "bpe")
+HEADS = ("untied", "tied", "kronecker_tied")
+KRONECKER_TP = ("shard_d", "replicated")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """What the model is (parallel layout and precision live in the TransformerConfig)."""
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    ffn_hidden: int | None = None              # default 4 * d_model
+    seq_len: int = 64
+    input_layer: str = "kronecker"             # kronecker | bpe
+    head: str = "untied"                       # untied | tied (BPE only) | kronecker_tied (Kronecker only)
+    pos_dim: int = 32
+    length_normalize: bool = True
+    z_normalize: bool = True
+    codec_eps: float = 1e-6
+    embedding_impl: str = "auto"               # auto | torch | triton | dense
+    deterministic_embedding: bool | None = None
+    kronecker_tp: str = "shard_d"              # shard_d | replicated
+    position: str = "learned_absolute"         # learned_absolute | rope
+    norm: str = "layernorm"                    # layernorm | rmsnorm
+    activation: str = "gelu"                   # gelu | swiglu
+    bias: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+    vocab_divisible_by: int = 128
+
+    def validate(self) -> "GPTConfig":
+        def bad(key, value, fix):
+            raise KScaleError(f"model.{key}={value!r} is not allowed", where=f"model.{key}", fix=fix)
+        if self.input_layer not in INPUT_LAYERS:
+            bad("input_layer", self.input_layer, f"use one of {INPUT_LAYERS}")
+        if self.head not in HEADS:
+            bad("head", self.head, f"use one of {HEADS}")
+        if self.head == "tied" and self.input_layer != "bpe":
+            bad("head", self.head, "a Kronecker input layer has no V x d table to tie: use untied or kronecker_tied")
+        if self.head == "kronecker_tied" and self.input_layer != "kronecker":
+            bad("head", self.head, "kronecker_tied needs input_layer=kronecker")
+        if self.kronecker_tp not in KRONECKER_TP:
+            bad("kronecker_tp", self.kronecker_tp, f"use one of {KRONECKER_TP}")
+        if self.position not in ("learned_absolute", "rope"):
+            bad("position", self.position, "use learned_absolute or rope")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            bad("norm", self.norm, "use layernorm or rmsnorm")
+        if self.activation not in ("gelu", "swiglu"):
+            bad("activation", self.activation, "use gelu or swiglu")
+        if self.d_model % self.n_heads:
+            bad("n_heads", self.n_heads, f"d_model={self.d_model} must be divisible by n_heads")
+        return self
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
+    """The one padding rule (megatron's): a multiple of divisible_by x TP. Padded ids embed to zero."""
+    multiple = divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(cfg: GPTConfig, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                       sequence_parallel: bool = False, params_dtype=torch.float32, **overrides) -> TransformerConfig:
+    cfg.validate()
+    if cfg.n_heads % tensor_parallel:
+        raise KScaleError(f"model.n_heads={cfg.n_heads} is not divisible by tensor parallel size {tensor_parallel}",
+                          where="model.n_heads / parallel.tensor", fix="choose TP dividing the number of heads")
+    if cfg.n_layers % pipeline_parallel:
+        raise KScaleError(f"model.n_layers={cfg.n_layers} is not divisible by pipeline parallel size "
+                          f"{pipeline_parallel}", where="model.n_layers / parallel.pipeline")
+    kw = dict(
+        num_layers=cfg.n_layers, hidden_size=cfg.d_model, num_attention_heads=cfg.n_heads,
+        ffn_hidden_size=cfg.ffn_hidden or 4 * cfg.d_model, hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout, normalization="RMSNorm" if cfg.norm == "rmsnorm" else "LayerNorm",
+        add_bias_linear=cfg.bias, init_method_std=cfg.init_std,
+        gated_linear_unit=cfg.activation == "swiglu", activation_func=F.silu if cfg.activation == "swiglu" else F.gelu,
+        bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
+        sequence_parallel=sequence_parallel and tensor_parallel > 1, params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(), batch_p2p_comm=False,
+        pipeline_dtype=params_dtype,
+    )
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+# ------------------------------------------------------------------------------------------
+# norms that work under sequence parallelism
+# ------------------------------------------------------------------------------------------
+class SequenceParallelNorm:
+    """torch LayerNorm / RMSNorm for megatron specs; params are tagged `sequence_parallel` so that
+    `finalize_model_grads` sums their (per-sequence-slice) gradients over TP, as it does for TE norms."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        if config.normalization == "RMSNorm":
+            norm = nn.RMSNorm(hidden_size, eps=eps)
+        else:
+            norm = nn.LayerNorm(hidden_size, eps=eps)
+        for p in norm.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+        return norm
+
+
+def layer_spec(config: TransformerConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """megatron's local GPT layer spec with sequence-parallel-capable norms, for this PP stage."""
+    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    spec = replace(spec, submodules=replace(spec.submodules, input_layernorm=SequenceParallelNorm,
+                                            pre_mlp_layernorm=SequenceParallelNorm))
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=SequenceParallelNorm)
+
+
+# ------------------------------------------------------------------------------------------
+# the Kronecker input layer
+# ------------------------------------------------------------------------------------------
+def _init_projection(weight: torch.Tensor, config: TransformerConfig, sharded: bool, tp_rank: int,
+                     tp_size: int, d_model: int) -> None:
+    """N(0, 1/D) init, identical for every TP layout given the seed (full master weight, then split)."""
+    D = weight.shape[0]
+    init = lambda w: nn.init.normal_(w, 0.0, 1.0 / math.sqrt(D))  # noqa: E731
+    if not config.perform_initialization:
+        return
+    if sharded:
+        if config.use_cpu_initialization:
+            _initialize_affine_weight_cpu(weight, D, d_model, weight.shape[1], 1, init,
+                                          params_dtype=config.params_dtype, rank=tp_rank, world_size=tp_size)
+        else:
+            _initialize_affine_weight_gpu(weight, init, partition_dim=1)
+    else:
+        with torch.no_grad():
+            master = torch.empty(D, d_model, dtype=torch.float32, device=weight.device)
+            init(master)                   # default generator: the same on every TP rank for one seed
+            weight.copy_(master.to(weight.dtype))
+
+
+class KroneckerLanguageModelEmbedding(MegatronModule):
+    """Drop-in for megatron's LanguageModelEmbedding: ids [b, s] -> embeddings [s(/TP), b, h]."""
+
+    def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
+                 position_embedding_type: str = "learned_absolute", num_tokentypes: int = 0,
+                 scatter_to_sequence_parallel: bool = True, tp_group=None, *, byte_table: ByteTable,
+                 model_cfg: GPTConfig):
+        super().__init__(config=config)
+        if num_tokentypes:
+            raise KScaleError("token types are not supported by the Kronecker input layer")
+        if not scatter_to_sequence_parallel and config.sequence_parallel:
+            raise KScaleError("the Kronecker input layer always produces the sequence-parallel slice itself")
+        if byte_table.vocab_size != vocab_size:
+            raise KScaleError(f"byte table has {byte_table.vocab_size} rows but the model's padded vocabulary is "
+                              f"{vocab_size}", fix="pad the byte table with the model's rule (padded_vocab_size)")
+        self.tp_group = get_tensor_model_parallel_group_if_none(tp_group)
+        self.tp_size, self.tp_rank = self.tp_group.size(), self.tp_group.rank()
+        self.mode = model_cfg.kronecker_tp
+        self.scatter_to_sequence_parallel = True
+        d = config.hidden_size
+        d_local = d // self.tp_size if self.mode == "shard_d" else d
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.word_embeddings = KroneckerEmbedding(
+            byte_table, d_local, length_normalize=model_cfg.length_normalize, z_normalize=model_cfg.z_normalize,
+            eps=model_cfg.codec_eps, impl=model_cfg.embedding_impl,
+            deterministic=model_cfg.deterministic_embedding, device=device, dtype=config.params_dtype)
+        weight = self.word_embeddings.weight
+        _init_projection(weight, config, self.mode == "shard_d", self.tp_rank, self.tp_size, d)
+        if self.mode == "shard_d":
+            if not hasattr(weight, "tensor_model_parallel"):     # the CPU initializer sets them already
+                set_tensor_model_parallel_attributes(weight, True, 1, 1)
+        else:
+            setattr(weight, "sequence_parallel", config.sequence_parallel)
+        self.add_position_embedding = position_embedding_type == "learned_absolute"
+        if self.add_position_embedding:
+            self.position_embeddings = nn.Embedding(max_sequence_length, d, device=device, dtype=config.params_dtype)
+            if config.perform_initialization:
+                config.embedding_init_method(self.position_embeddings.weight)
+            # under SP each rank adds positions for its own slice only: sum the gradient over TP
+            setattr(self.position_embeddings.weight, "sequence_parallel", config.sequence_parallel)
+        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+
+    def _local_slice(self, t: torch.Tensor) -> torch.Tensor:
+        chunk = t.shape[0] // self.tp_size
+        return t[self.tp_rank * chunk:(self.tp_rank + 1) * chunk]
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                tokentype_ids=None) -> torch.Tensor:
+        sp = self.config.sequence_parallel
+        ids = input_ids.t().contiguous()                      # [s, b]: megatron's activation layout
+        s, b = ids.shape
+        if sp and s % self.tp_size:
+            raise KScaleError(f"sequence length {s} is not divisible by TP={self.tp_size} (sequence parallel)")
+        if self.mode == "replicated":
+            emb = self.word_embeddings(self._local_slice(ids) if sp else ids)
+        else:
+            local = self.word_embeddings(ids)                 # [s, b, d/TP]: this rank's columns, all tokens
+            if self.tp_size == 1:
+                emb = local
+            elif sp:                                          # -> [s/TP, b, d]
+                emb = tensor_parallel.all_to_all_hp2sp(local.reshape(s * b, -1), group=self.tp_group)
+                emb = emb.reshape(s // self.tp_size, b, -1)
+            else:                                             # -> [s, b, d]; backward keeps own columns
+                emb = tensor_parallel.gather_from_tensor_model_parallel_region(local, group=self.tp_group)
+        if self.add_position_embedding:
+            pos = position_ids.t()
+            emb = emb + self.position_embeddings(self._local_slice(pos) if sp else pos)
+        if self.config.use_mup and self.config.mup_embedding_mult != 1.0:
+            emb = emb * self.config.mup_embedding_mult
+        if self.config.fp32_residual_connection:
+            emb = emb.float()
+        if sp:
+            if self.config.clone_scatter_output_in_embedding:
+                emb = emb.clone()
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return self.embedding_dropout(emb)
+        return self.embedding_dropout(emb)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        state = self.state_dict(prefix="", keep_vars=True)
+        axis = {"word_embeddings.weight": 1} if self.mode == "shard_d" else {}
+        return make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets, tp_group=self.tp_group)
+
+
+# ------------------------------------------------------------------------------------------
+# the Kronecker-tied head: logits against the table rebuilt from codec + projection
+# ------------------------------------------------------------------------------------------
+class KroneckerTiedHead(MegatronModule):
+    """Logits for this rank's vocab shard against E = codec(ids) @ W, rebuilt every step.
+
+    Called like megatron's output ColumnParallelLinear: (hidden, weight=W, runtime_gather_output)
+    -> (logits [s, b, V/TP], None). W is the shared projection (the embedding's on the first stage,
+    this module's copy on a last-only pipeline stage).
+    """
+
+    def __init__(self, config: TransformerConfig, byte_table: ByteTable, model_cfg: GPTConfig, allocate_weight: bool,
+                 parallel_output: bool = True, tp_group=None):
+        super().__init__(config=config)
+        self.tp_group = get_tensor_model_parallel_group_if_none(tp_group)
+        self.tp_size, self.tp_rank = self.tp_group.size(), self.tp_group.rank()
+        self.mode = model_cfg.kronecker_tp
+        self.parallel_output = parallel_output
+        self.logit_scale = 1.0 / math.sqrt(config.hidden_size)
+        V = byte_table.vocab_size
+        shard = V // self.tp_size
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        ids = torch.arange(self.tp_rank * shard, (self.tp_rank + 1) * shard, device=device)
+        self.register_buffer("token_bytes", byte_table.bytes[ids.cpu()].to(device), persistent=False)
+        self.register_buffer("token_lengths", byte_table.lengths[ids.cpu()].to(device), persistent=False)
+        alpha, beta = scale_tables(byte_table.pos_dim, length_normalize=model_cfg.length_normalize,
+                                   z_normalize=model_cfg.z_normalize, eps=model_cfg.codec_eps)
+        self.register_buffer("alpha", alpha.to(device), persistent=False)
+        self.register_buffer("beta", beta.to(device), persistent=False)
+        if allocate_weight:
+            d_local = config.hidden_size // self.tp_size if self.mode == "shard_d" else config.hidden_size
+            self.weight = nn.Parameter(torch.zeros(codec_dim(byte_table.pos_dim), d_local, device=device,
+                                                   dtype=config.params_dtype))
+            if self.mode == "shard_d":
+                set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
+            else:
+                setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        else:
+            self.weight = None
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output=None):
+        W = weight if weight is not None else self.weight
+        sp = self.config.sequence_parallel
+        if self.tp_size > 1 and self.mode == "shard_d":
+            # all columns for the logits; backward reduce-scatters each rank's partial dW to its shard
+            W = tensor_parallel.all_gather_last_dim_from_tensor_parallel_region(W, group=self.tp_group)
+        elif self.tp_size > 1 and not sp:
+            # replicated W without SP: each rank's head gradient is partial (its vocab shard): all-reduce it
+            W = tensor_parallel.copy_to_tensor_model_parallel_region(W, group=self.tp_group)
+        table = kronecker_embed_torch(self.token_bytes, self.token_lengths, W, self.alpha, self.beta)  # [V/TP, d]
+        if sp:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, group=self.tp_group)
+        elif self.tp_size > 1:
+            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
+        # rows of the rebuilt table have norm ~sqrt(d) (unit-variance entries), so logits are scaled by
+        # 1/sqrt(d) as T5 does for tied embeddings; otherwise they start with std ~sqrt(d)
+        logits = torch.matmul(hidden, table.t()) * self.logit_scale
+        gather = not self.parallel_output if runtime_gather_output is None else runtime_gather_output
+        if gather and self.tp_size > 1:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
+        return logits, None
+
+
+# ------------------------------------------------------------------------------------------
+# the model
+# ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _kronecker_input_layer(byte_table: ByteTable, model_cfg: GPTConfig):
+    """While GPTModel.__init__ runs, build our input layer where it builds LanguageModelEmbedding."""
+    original = _gpt_model_module.LanguageModelEmbedding
+
+    def factory(**kwargs):
+        return KroneckerLanguageModelEmbedding(**kwargs, byte_table=byte_table, model_cfg=model_cfg)
+
+    _gpt_model_module.LanguageModelEmbedding = factory
+    try:
+        yield
+    finally:
+        _gpt_model_module.LanguageModelEmbedding = original
+
+
+class KroneckerGPTModel(GPTModel):
+    """megatron-core's GPTModel with this project's input layers and heads."""
+
+    def __init__(self, config: TransformerConfig, model_cfg: GPTConfig, vocab_size: int,
+                 byte_table: ByteTable | None = None, pre_process: bool = True, post_process: bool = True,
+                 real_vocab_size: int | None = None, vp_stage: int | None = None, parallel_output: bool = True):
+        model_cfg.validate()
+        object.__setattr__(self, "_kscale", (model_cfg, byte_table))   # read by setup_embeddings_and_output_layer
+        share = model_cfg.head in ("tied", "kronecker_tied")
+        ctx = _kronecker_input_layer(byte_table, model_cfg) if model_cfg.input_layer == "kronecker" \
+            else contextlib.nullcontext()
+        with ctx:
+            super().__init__(config, layer_spec(config, vp_stage), vocab_size, model_cfg.seq_len,
+                             pre_process=pre_process, post_process=post_process, parallel_output=parallel_output,
+                             share_embeddings_and_output_weights=share, position_embedding_type=model_cfg.position,
+                             vp_stage=vp_stage)
+        self.model_cfg = model_cfg
+        if model_cfg.input_layer == "bpe" and real_vocab_size is not None and pre_process:
+            self._zero_padded_rows(real_vocab_size)
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        model_cfg, byte_table = self._kscale
+        if model_cfg.head == "kronecker_tied" and self.post_process:
+            self.output_layer = KroneckerTiedHead(self.config, byte_table, model_cfg,
+                                                  allocate_weight=not self.pre_process,
+                                                  parallel_output=self.parallel_output, tp_group=self.pg_collection.tp)
+        super().setup_embeddings_and_output_layer()
+
+    def _zero_padded_rows(self, real_vocab_size: int) -> None:
+        """BPE: padded ids embed to zero (their rows of this rank's vocab shard)."""
+        emb = self.embedding.word_embeddings
+        start = emb.vocab_start_index
+        with torch.no_grad():
+            local = torch.arange(start, start + emb.weight.shape[0])
+            emb.weight[local >= real_vocab_size] = 0
+
+    def tie_embeddings_and_output_weights_state_dict(self, sharded_state_dict, output_layer_weight_key,
+                                                     first_stage_word_emb_key, metadata={}):
+        model_cfg, _ = self._kscale
+        if model_cfg.head != "kronecker_tied" or not self.post_process or self.pre_process:
+            return super().tie_embeddings_and_output_weights_state_dict(
+                sharded_state_dict, output_layer_weight_key, first_stage_word_emb_key, metadata)
+        # the last stage's copy of the projection is a replica of the first stage's, sharded the same way
+        del sharded_state_dict[output_layer_weight_key]
+        dp = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        tensor = self.shared_embedding_or_output_weight()
+        if model_cfg.kronecker_tp == "shard_d":
+            sharded_state_dict[output_layer_weight_key] = make_tp_sharded_tensor_for_checkpoint(
+                tensor=tensor, key=first_stage_word_emb_key, tp_axis=1, replica_id=(1, 0, dp))
+        else:
+            tp = parallel_state.get_tensor_model_parallel_rank()
+            sharded_state_dict[output_layer_weight_key] = make_sharded_tensor_for_checkpoint(
+                tensor=tensor, key=first_stage_word_emb_key, replica_id=(1, tp, dp))
+
+
+def build_model(model_cfg: GPTConfig, config: TransformerConfig, *, byte_table: ByteTable | None = None,
+                vocab_size: int | None = None, pre_process: bool | None = None, post_process: bool | None = None,
+                vp_stage: int | None = None) -> KroneckerGPTModel:
+    """The GPT for this rank's pipeline stage. Kronecker needs the byte table; BPE a vocab size.
+
+    The vocabulary is padded with `padded_vocab_size` (divisible_by x TP) for both input layers.
+    """
+    tp = config.tensor_model_parallel_size
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if model_cfg.input_layer == "kronecker" or model_cfg.head == "kronecker_tied":
+        if byte_table is None:
+            raise KScaleError("the Kronecker input layer needs a byte table", fix="pass byte_table=ByteTable(...)")
+        real = byte_table.vocab_size
+        byte_table = byte_table.pad_to(model_cfg.vocab_divisible_by * tp)
+        padded = byte_table.vocab_size
+    else:
+        if vocab_size is None:
+            raise KScaleError("the BPE input layer needs vocab_size")
+        real, padded = vocab_size, padded_vocab_size(vocab_size, model_cfg.vocab_divisible_by, tp)
+    return KroneckerGPTModel(config, model_cfg, padded, byte_table, pre_process=pre_process,
+                             post_process=post_process, real_vocab_size=real, vp_stage=vp_stage)
