@@ -1,0 +1,277 @@
+"""prepare-data: text -> tokens -> fixed-length uint32 samples -> MDS shards + manifest.json.
+
+Inputs are text files, folders (read recursively), JSON Lines (plain, .gz, .zst) with a text field, and
+Parquet. Documents are tokenized in parallel with the run's tokenizer (any format ByteTable reads), an
+end-of-document token goes after each, and the stream is cut into samples of seq_len + 1 tokens that
+overlap by one token (sample k = stream[k*seq_len : k*seq_len + seq_len + 1]), so every token but the
+very first is a target exactly once. Samples are uint32 (vocabularies above 65,535 are the point).
+
+The output is written under a temporary name and renamed when complete: a crash leaves whatever was
+there before untouched.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import KScaleError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+MANIFEST = "manifest.json"
+FORMAT = "kscale-tokens-v1"
+
+
+@dataclass
+class PrepareStats:
+    documents: int = 0
+    tokens: int = 0
+    bytes_read: int = 0
+    skipped_files: list = field(default_factory=list)
+    dropped_tail_tokens: int = 0
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    return None
+
+
+def list_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files to read, folders expanded recursively in sorted order; missing paths are errors."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and _kind(f))
+        elif p.is_file():
+            if _kind(p) is None:
+                raise KScaleError(f"unsupported input file type: {p.name}", where=str(p),
+                                  fix="give .txt/.md text, .jsonl(.gz/.zst) with a text field, or .parquet")
+            files.append(p)
+        else:
+            raise KScaleError("input not found", where=str(p), fix="check the path")
+    return files
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise KScaleError(f"not valid UTF-8 at byte offset {e.start}", where=str(path),
+                          fix="convert the file to UTF-8, or pass --skip-bad to skip such files (they are counted)")
+
+
+def read_documents(path: Path, text_field: str = "text") -> list[str]:
+    """All documents of one input file (a text file is one document)."""
+    kind = _kind(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise KScaleError(f"cannot read input: {e.strerror}", where=str(path)) from None
+    name = path.name.lower()
+    try:
+        if name.endswith(".gz"):
+            raw = gzip.decompress(raw)
+        elif name.endswith(".zst"):
+            import zstd
+            raw = zstd.decompress(raw)
+    except Exception as e:
+        raise KScaleError(f"cannot decompress input ({e})", where=str(path), fix="check the file is complete") from None
+    if kind == "text":
+        return [_decode(raw, path)]
+    if kind == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise KScaleError("reading Parquet needs pyarrow", where=str(path), fix="pip install pyarrow") from None
+        table = pq.read_table(io.BytesIO(raw), columns=[text_field])
+        return [t for t in table.column(text_field).to_pylist() if t]
+    docs, offset = [], 0
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        if line.strip():
+            try:
+                obj = json.loads(line)
+                text = obj[text_field]
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise KScaleError(f"line {lineno} (byte offset {offset}) is not valid JSON ({e})",
+                                  where=str(path), fix="fix the line, or pass --skip-bad") from None
+            except (KeyError, TypeError):
+                raise KScaleError(f"line {lineno} (byte offset {offset}) has no {text_field!r} field",
+                                  where=str(path), fix="pass --text-field NAME") from None
+            if isinstance(text, str) and text:
+                docs.append(text)
+        offset += len(line) + 1
+    return docs
+
+
+# --- worker side: one tokenizer per process --------------------------------------------------
+_TOKENIZER = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _TOKENIZER
+    from ..tokenizer import load_tokenizer
+    _TOKENIZER = load_tokenizer(tokenizer_path)
+
+
+def _tokenize_file(job: tuple[str, str, bool]) -> tuple[str, list[np.ndarray], int, str | None]:
+    path, text_field, skip_bad = job
+    try:
+        docs = read_documents(Path(path), text_field)
+    except KScaleError as e:
+        if skip_bad:
+            return path, [], 0, str(e)
+        raise
+    arrays = [np.asarray(_TOKENIZER.encode(d), dtype=np.uint32) for d in docs]
+    return path, arrays, sum(len(d.encode("utf-8")) for d in docs), None
+
+
+# --- packing and writing ------------------------------------------------------------------------
+class SamplePacker:
+    """Cuts a token stream into overlapping samples of seq_len + 1 and hands them to a writer."""
+
+    def __init__(self, seq_len: int, write):
+        self.seq_len, self.write = seq_len, write
+        self.buffer = np.zeros(0, dtype=np.uint32)
+        self.samples = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.buffer = np.concatenate([self.buffer, tokens])
+        n = (len(self.buffer) - 1) // self.seq_len
+        for k in range(n):
+            self.write(self.buffer[k * self.seq_len: k * self.seq_len + self.seq_len + 1])
+        self.samples += n
+        self.buffer = self.buffer[n * self.seq_len:]
+
+    def leftover(self) -> int:
+        return max(len(self.buffer) - 1, 0)
+
+
+def _validation_doc(path: str, index: int, fraction: float) -> bool:
+    h = hashlib.blake2b(f"{path}\0{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+def prepare_data(tokenizer: str | Path, inputs: list, out_dir: str | Path, seq_len: int, *,
+                 val_inputs: list | None = None, val_fraction: float = 0.0, text_field: str = "text",
+                 workers: int | None = None, overwrite: bool = False, skip_bad: bool = False,
+                 vocab_size: int | None = None, shard_size: str = "64mb", eod_id: int | None = None,
+                 progress=None) -> dict:
+    """Tokenize `inputs` into MDS shards under out_dir/{train,val}; returns the manifest."""
+    from ..tokenizer import load_tokenizer
+    from .streaming_adapter import import_streaming
+    out_dir = Path(out_dir)
+    if seq_len < 1:
+        raise KScaleError(f"seq_len must be >= 1, got {seq_len}", where="--seq-len")
+    if (out_dir / MANIFEST).exists() and not overwrite:
+        raise KScaleError("the output folder already holds a dataset", where=str(out_dir),
+                          fix="choose another --out, or pass --overwrite to replace it")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
+        raise KScaleError("the output folder exists and is not empty (and is not a dataset)", where=str(out_dir),
+                          fix="choose an empty or new --out")
+    tok = load_tokenizer(tokenizer)
+    eod = tok.eos_id if eod_id is None else eod_id
+    if eod is None:
+        raise KScaleError("the tokenizer has no end-of-document token", where=str(tokenizer),
+                          fix="pass --eod-id ID")
+    model_vocab = vocab_size or tok.vocab_size
+    splits = {"train": list_inputs(inputs)}
+    if val_inputs:
+        splits["val"] = list_inputs(val_inputs)
+    if not splits["train"]:
+        raise KScaleError("no input files found", where=", ".join(map(str, inputs)),
+                          fix="give text files, folders of them, .jsonl(.gz/.zst) or .parquet")
+    streaming = import_streaming()
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    stats = PrepareStats()
+    t0 = time.perf_counter()
+    columns = {"tokens": f"ndarray:uint32:{seq_len + 1}"}
+    writers = {name: streaming.MDSWriter(out=str(tmp / name), columns=columns, compression="zstd",
+                                         size_limit=shard_size) for name in ("train", "val")}
+    packers = {name: SamplePacker(seq_len, lambda s, w=w: w.write({"tokens": s})) for name, w in writers.items()}
+    tokens_per_split = {"train": 0, "val": 0}
+    sources = []
+    workers = workers or max(1, min(len(splits["train"]), os.cpu_count() or 1))
+    try:
+        with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(str(tok.path),)) as pool:
+            for split_name, files in splits.items():
+                jobs = [(str(f), text_field, skip_bad) for f in files]
+                for path, arrays, nbytes, error in pool.imap(_tokenize_file, jobs):
+                    if error:
+                        stats.skipped_files.append({"file": path, "error": error})
+                        continue
+                    for i, ids in enumerate(arrays):
+                        if len(ids) and int(ids.max()) >= model_vocab:
+                            raise KScaleError(f"token id {int(ids.max())} is >= the model's vocabulary size "
+                                              f"{model_vocab}", where=f"{path}, document {i}",
+                                              fix="use the model's tokenizer, or raise --vocab-size")
+                        doc = np.append(ids, np.uint32(eod))
+                        target = "val" if split_name == "val" or (
+                            split_name == "train" and val_fraction and _validation_doc(path, i, val_fraction)) else "train"
+                        packers[target].add(doc)
+                        tokens_per_split[target] += len(doc)
+                        stats.documents += 1
+                        stats.tokens += len(doc)
+                    stats.bytes_read += nbytes
+                    sources.append({"file": path, "split": split_name, "bytes": nbytes})
+                    if progress:
+                        progress(path, stats)
+        for w in writers.values():
+            w.finish()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if stats.documents == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KScaleError("the inputs hold no text", where=", ".join(map(str, inputs)))
+    seconds = time.perf_counter() - t0
+    manifest = {
+        "format": FORMAT, "tokenizer": str(tok.path), "tokenizer_format": tok.format,
+        "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eod_id": int(eod),
+        "seq_len": seq_len, "sample_tokens": seq_len + 1, "dtype": "uint32",
+        "splits": {name: {"samples": packers[name].samples, "tokens": tokens_per_split[name],
+                          "dropped_tail_tokens": packers[name].leftover()} for name in packers},
+        "documents": stats.documents, "bytes_read": stats.bytes_read, "sources": sources,
+        "skipped_files": stats.skipped_files, "seconds": round(seconds, 3),
+        "tokens_per_second": round(stats.tokens / max(seconds, 1e-9)), "workers": workers,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return manifest
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise KScaleError("no manifest.json: not a prepared dataset", where=str(data_dir),
+                          fix="create it with `kscale prepare-data`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise KScaleError(f"corrupt manifest ({e})", where=str(path)) from None
+    if manifest.get("format") != FORMAT:
+        raise KScaleError(f"unknown dataset format {manifest.get('format')!r}", where=str(path))
+    return manifest
