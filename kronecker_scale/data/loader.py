@@ -16,7 +16,7 @@ import torch
 
 from ..errors import KScaleError
 from .prepare import read_manifest
-from .streaming_adapter import data_parallel_world, import_streaming
+from .streaming_adapter import data_parallel_world, import_streaming, process_local_construction
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def build_loader(sources: list[DataSource | str], split: str, *, micro_batch_siz
         streams.append(streaming.Stream(remote=str(split_dir.resolve()),
                                         local=str(cache / proc / f"{i}-{split}"), proportion=src.proportion))
     dataset_cls = _token_dataset_class()
-    with data_parallel_world(dp_rank, dp_size):
+    with data_parallel_world(dp_rank, dp_size), process_local_construction():
         dataset = dataset_cls(streams=streams, shuffle=shuffle, shuffle_seed=seed, batch_size=micro_batch_size,
                               num_canonical_nodes=num_canonical_nodes or dp_size, shuffle_algo="py1e")
     loader = streaming.StreamingDataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,

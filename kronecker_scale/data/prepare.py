@@ -95,7 +95,8 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
     except Exception as e:
         raise KScaleError(f"cannot decompress input ({e})", where=str(path), fix="check the file is complete") from None
     if kind == "text":
-        return [_decode(raw, path)]
+        text = _decode(raw, path)
+        return [text] if text else []
     if kind == "parquet":
         try:
             import pyarrow.parquet as pq

@@ -8,7 +8,11 @@
   (research/anchors.md §3): TP ranks and PP stages of one replica must see the same samples. The
   adapter builds datasets inside `data_parallel_world(dp_rank, dp_size)`, which presents each
   data-parallel rank as its own node (so TP/PP peers on one machine never share streaming's
-  node-local shared memory), and gives every process its own local cache directory.
+  node-local shared memory), and gives every process its own local cache directory. Because several
+  such "node leaders" then share one machine, construction is made process-local
+  (`process_local_construction`): streaming's global `dist.barrier()` calls and its own
+  `init_process_group` are hidden from it, and a file lock serialises the shared-memory prefix
+  allocation that its barriers would otherwise order.
 - Shared memory left in /dev/shm by crashed runs: `clean_stale_shared_memory()` removes every
   streaming segment on the machine, so a job calls it once at start-up (local rank 0, before any
   dataset exists), never while other datasets are alive.
@@ -46,6 +50,36 @@ def data_parallel_world(dp_rank: int, dp_size: int):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class _NoDist:
+    """torch.distributed as streaming sees it while a dataset is built: not initialized."""
+
+    def __getattr__(self, name):
+        import torch.distributed as dist
+        return getattr(dist, name)
+
+    @staticmethod
+    def is_initialized() -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def process_local_construction(lock_path: str = "/tmp/kscale-streaming.lock"):
+    import fcntl
+
+    import streaming.base.dataset as ds_mod
+    import streaming.base.shared.prefix as prefix_mod
+    saved = (ds_mod.dist, prefix_mod.dist, ds_mod.maybe_init_dist)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ds_mod.dist, prefix_mod.dist = _NoDist(), _NoDist()
+        ds_mod.maybe_init_dist = lambda: False
+        try:
+            yield
+        finally:
+            ds_mod.dist, prefix_mod.dist, ds_mod.maybe_init_dist = saved
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def clean_stale_shared_memory() -> None:
