@@ -151,6 +151,34 @@ def cmd_demo(args) -> int:
     return 1 if missing else 0
 
 
+# --- data -----------------------------------------------------------------------------------
+def cmd_prepare_data(args) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from .data.prepare import list_inputs, prepare_data
+    from .tokenizer.assets import tokenizer_path
+    con = _console()
+    files = list_inputs(args.inputs) + (list_inputs(args.val_input) if args.val_input else [])
+    total = sum(f.stat().st_size for f in files)
+    with Progress(TextColumn("tokenizing"), BarColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.fields[tokens]:,} tokens"), console=con) as bar:
+        task = bar.add_task("prepare", total=total, tokens=0)
+        m = prepare_data(tokenizer_path(args.tokenizer), args.inputs, args.out, args.seq_len,
+                         val_inputs=args.val_input, val_fraction=args.val_fraction, text_field=args.text_field,
+                         workers=args.workers, overwrite=args.overwrite, skip_bad=args.skip_bad,
+                         vocab_size=args.vocab_size, eod_id=args.eod_id,
+                         progress=lambda path, st: bar.update(task, advance=Path(path).stat().st_size,
+                                                              tokens=st.tokens))
+    rows = [[name, f"{sp['samples']:,}", f"{sp['tokens']:,}", sp["dropped_tail_tokens"]] for name, sp in m["splits"].items()]
+    con.print(_table(f"{args.out}: seq_len {m['seq_len']}, vocab {m['vocab_size']:,}, {m['documents']:,} documents",
+                     ["split", "samples", "tokens", "tail dropped"], rows))
+    con.print(f"{sum(sp['tokens'] for sp in m['splits'].values()):,} tokens in {m['seconds']:.1f} s: "
+              f"{m['tokens_per_second']:,} tokens/s with {m['workers']} workers "
+              f"({m['tokens_per_second'] / m['workers']:,.0f} per worker)"
+              + (f"; skipped {len(m['skipped_files'])} unreadable files" if m["skipped_files"] else ""))
+    return 0
+
+
 # --- benchmarks -----------------------------------------------------------------------------
 def cmd_bench(args) -> int:
     con = _console()
@@ -195,6 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="save as a byte_table.safetensors file")
     s.add_argument("--json", action="store_true", help="print the stats as JSON")
     s.set_defaults(func=cmd_byte_table)
+
+    s = sub.add_parser("prepare-data", help="tokenize text into MDS shards of fixed-length uint32 samples")
+    s.add_argument("inputs", nargs="+", help="text files, folders, .jsonl(.gz/.zst), .parquet")
+    s.add_argument("--tokenizer", required=True, help="tokenizer file/folder or a built-in name")
+    s.add_argument("--seq-len", type=int, required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--val-input", nargs="*", help="inputs of the validation split (e.g. another genre)")
+    s.add_argument("--val-fraction", type=float, default=0.0, help="share of training documents held out")
+    s.add_argument("--text-field", default="text", help="JSON Lines / Parquet field holding the text")
+    s.add_argument("--workers", type=int, help="tokenizer processes (default: cores)")
+    s.add_argument("--vocab-size", type=int, help="the model's vocabulary size (ids must be below it)")
+    s.add_argument("--eod-id", type=int, help="end-of-document id (default: the tokenizer's EOS)")
+    s.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    s.add_argument("--skip-bad", action="store_true", help="skip unreadable/undecodable files (counted)")
+    s.set_defaults(func=cmd_prepare_data)
 
     s = sub.add_parser("params", help="input-side and whole-model parameter counts, BPE vs Kronecker")
     s.add_argument("--vocab", type=int, nargs="*", help="vocabulary sizes (default: the paper's two settings)")
