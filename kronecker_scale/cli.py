@@ -151,6 +151,12 @@ def cmd_demo(args) -> int:
     return 1 if missing else 0
 
 
+# --- training -------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from .train.launch_local import train
+    return train(args.config, args.overrides, args.nproc)
+
+
 # --- data -----------------------------------------------------------------------------------
 def cmd_prepare_data(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -223,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="save as a byte_table.safetensors file")
     s.add_argument("--json", action="store_true", help="print the stats as JSON")
     s.set_defaults(func=cmd_byte_table)
+
+    s = sub.add_parser("train", help="train from a YAML config (key=value overrides; --nproc local processes)")
+    s.add_argument("config", help="YAML config (configs/ has examples)")
+    s.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4 parallel.tensor=2")
+    s.add_argument("--nproc", type=int, help="local processes (gloo on CPU, NCCL on GPU); = parallel.nproc")
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("prepare-data", help="tokenize text into MDS shards of fixed-length uint32 samples")
     s.add_argument("inputs", nargs="+", help="text files, folders, .jsonl(.gz/.zst), .parquet")

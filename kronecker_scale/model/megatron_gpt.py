@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -43,70 +43,10 @@ from torch import nn
 
 from ..embedding import ByteTable, KroneckerEmbedding, codec_dim, kronecker_embed_torch, scale_tables
 from ..errors import KScaleError
+from .config import GPTConfig, padded_vocab_size
 
 # megatron logs "GPTModel IS DEPRECATED" on every build; HybridModel has no GPT-2-style layout we need
 logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(lambda r: "DEPRECATED" not in r.getMessage())
-
-INPUT_LAYERS = ("kronecker", "bpe")
-HEADS = ("untied", "tied", "kronecker_tied")
-KRONECKER_TP = ("shard_d", "replicated")
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    """What the model is (parallel layout and precision live in the TransformerConfig)."""
-    n_layers: int = 2
-    d_model: int = 64
-    n_heads: int = 4
-    ffn_hidden: int | None = None              # default 4 * d_model
-    seq_len: int = 64
-    input_layer: str = "kronecker"             # kronecker | bpe
-    head: str = "untied"                       # untied | tied (BPE only) | kronecker_tied (Kronecker only)
-    pos_dim: int = 32
-    length_normalize: bool = True
-    z_normalize: bool = True
-    codec_eps: float = 1e-6
-    embedding_impl: str = "auto"               # auto | torch | triton | dense
-    deterministic_embedding: bool | None = None
-    kronecker_tp: str = "shard_d"              # shard_d | replicated
-    position: str = "learned_absolute"         # learned_absolute | rope
-    norm: str = "layernorm"                    # layernorm | rmsnorm
-    activation: str = "gelu"                   # gelu | swiglu
-    bias: bool = True
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    init_std: float = 0.02
-    vocab_divisible_by: int = 128
-
-    def validate(self) -> "GPTConfig":
-        def bad(key, value, fix):
-            raise KScaleError(f"model.{key}={value!r} is not allowed", where=f"model.{key}", fix=fix)
-        if self.input_layer not in INPUT_LAYERS:
-            bad("input_layer", self.input_layer, f"use one of {INPUT_LAYERS}")
-        if self.head not in HEADS:
-            bad("head", self.head, f"use one of {HEADS}")
-        if self.head == "tied" and self.input_layer != "bpe":
-            bad("head", self.head, "a Kronecker input layer has no V x d table to tie: use untied or kronecker_tied")
-        if self.head == "kronecker_tied" and self.input_layer != "kronecker":
-            bad("head", self.head, "kronecker_tied needs input_layer=kronecker")
-        if self.kronecker_tp not in KRONECKER_TP:
-            bad("kronecker_tp", self.kronecker_tp, f"use one of {KRONECKER_TP}")
-        if self.position not in ("learned_absolute", "rope"):
-            bad("position", self.position, "use learned_absolute or rope")
-        if self.norm not in ("layernorm", "rmsnorm"):
-            bad("norm", self.norm, "use layernorm or rmsnorm")
-        if self.activation not in ("gelu", "swiglu"):
-            bad("activation", self.activation, "use gelu or swiglu")
-        if self.d_model % self.n_heads:
-            bad("n_heads", self.n_heads, f"d_model={self.d_model} must be divisible by n_heads")
-        return self
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
-    """The one padding rule (megatron's): a multiple of divisible_by x TP. Padded ids embed to zero."""
-    multiple = divisible_by * tensor_parallel_size
-    return -(-vocab_size // multiple) * multiple
-
 
 def transformer_config(cfg: GPTConfig, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                        sequence_parallel: bool = False, params_dtype=torch.float32, **overrides) -> TransformerConfig:

@@ -1,0 +1,105 @@
+"""Loading configs: YAML files compose through a `defaults: [base.yaml, ...]` list (paths relative to the
+file), the command line overrides any key (`optim.lr=3e-4`), and the result is checked against the
+schema (unknown keys and wrong types fail, naming the key) and for impossible layouts (world size not
+divisible by TP x PP, heads not divisible by TP, ...), all before any process starts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..errors import KScaleError
+from .schema import TrainConfig
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
+    if not path.is_file():
+        raise KScaleError("config file not found", where=str(path), fix="check the path (configs/ has examples)")
+    if path.resolve() in seen:
+        raise KScaleError("config defaults form a cycle", where=" -> ".join(map(str, (*seen, path))))
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:
+        raise KScaleError(f"malformed YAML ({e})", where=str(path)) from None
+    if not isinstance(cfg, DictConfig):
+        raise KScaleError("a config file must hold a mapping", where=str(path))
+    bases = cfg.pop("defaults", []) or []
+    merged = OmegaConf.create()
+    for base in bases:
+        merged = OmegaConf.merge(merged, _read_yaml((path.parent / str(base)), (*seen, path.resolve())))
+    return OmegaConf.merge(merged, cfg)
+
+
+def _explain(e: OmegaConfBaseException, where: str) -> KScaleError:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).splitlines()[0]
+    return KScaleError(f"invalid config: {msg}", where=f"{where}: key {key}" if key else where,
+                       fix="see kronecker_scale/config/schema.py for the keys and their types")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
+    """The validated, resolved config (an omegaconf DictConfig typed by TrainConfig)."""
+    schema = OmegaConf.structured(TrainConfig)
+    where = str(path) if path else "<defaults>"
+    try:
+        cfg = OmegaConf.merge(schema, _read_yaml(Path(path)) if path else OmegaConf.create())
+    except OmegaConfBaseException as e:
+        raise _explain(e, where) from None
+    for item in overrides:
+        if "=" not in item:
+            raise KScaleError(f"override {item!r} is not key=value", where="command line",
+                              fix="write e.g. optim.lr=3e-4")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, "command line" if overrides else where) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks across keys that the schema's types cannot express."""
+    def bad(key, value, fix):
+        raise KScaleError(f"{key}={value!r} is not possible", where=f"config key {key}", fix=fix)
+
+    from ..model.config import GPTConfig
+    GPTConfig(**OmegaConf.to_container(cfg.model)).validate()
+    p = cfg.parallel
+    for key in ("tensor", "pipeline", "nproc"):
+        if p[key] < 1:
+            bad(f"parallel.{key}", p[key], "use a positive integer")
+    if p.nproc % (p.tensor * p.pipeline):
+        bad("parallel.nproc", p.nproc, f"the world size must be divisible by TP x PP = {p.tensor * p.pipeline}")
+    if cfg.model.n_heads % p.tensor:
+        bad("parallel.tensor", p.tensor, f"model.n_heads={cfg.model.n_heads} must be divisible by it")
+    if cfg.model.n_layers % p.pipeline:
+        bad("parallel.pipeline", p.pipeline, f"model.n_layers={cfg.model.n_layers} must be divisible by it")
+    if p.sequence and p.tensor == 1:
+        bad("parallel.sequence", True, "sequence parallelism needs parallel.tensor > 1")
+    dp = p.nproc // (p.tensor * p.pipeline)
+    d = cfg.data
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        bad("data.global_batch_size", d.global_batch_size,
+            f"must be a multiple of micro_batch_size x data-parallel size = {d.micro_batch_size * dp}")
+    if p.sequence and cfg.model.seq_len % p.tensor:
+        bad("model.seq_len", cfg.model.seq_len, "must be divisible by parallel.tensor under sequence parallelism")
+    if cfg.run.precision not in ("fp32", "bf16", "fp16"):
+        bad("run.precision", cfg.run.precision, "use fp32, bf16 or fp16")
+    if cfg.run.engine not in ("megatron", "deepspeed"):
+        bad("run.engine", cfg.run.engine, "use megatron or deepspeed")
+    if cfg.run.on_nan not in ("stop", "skip"):
+        bad("run.on_nan", cfg.run.on_nan, "use stop or skip")
+    if cfg.schedule.decay not in ("cosine", "linear", "constant"):
+        bad("schedule.decay", cfg.schedule.decay, "use cosine, linear or constant")
+    if cfg.schedule.warmup_steps > cfg.schedule.train_steps:
+        bad("schedule.warmup_steps", cfg.schedule.warmup_steps, "must not exceed schedule.train_steps")
+    if not d.train:
+        bad("data.train", [], "give at least one prepared dataset: data.train=[{path: DIR}]")
+    if cfg.tokenizer.byte_source not in ("exact", "decode"):
+        bad("tokenizer.byte_source", cfg.tokenizer.byte_source, "use exact or decode")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

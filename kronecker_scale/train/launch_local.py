@@ -1,0 +1,98 @@
+"""`kscale train`: validate the config, write it to the run directory, then run the ranks.
+
+Under torchrun or srun (RANK/WORLD_SIZE already set) this process is one rank. Otherwise it starts
+`parallel.nproc` local processes (gloo on CPU, NCCL on GPU) and waits; if one fails the others are
+stopped and the exit status is non-zero.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..config import load_config, to_yaml
+from ..errors import KScaleError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_run(config_path, overrides, nproc: int | None = None):
+    cfg = load_config(config_path, list(overrides) + ([f"parallel.nproc={nproc}"] if nproc else []))
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run_dir / "config.yaml"
+    tmp = resolved.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, resolved)
+    return cfg, resolved
+
+
+def run_rank(resolved_config: str | Path) -> int:
+    """One rank: called in each process."""
+    import torch
+
+    from ..config import TrainConfig, validate
+    from .trainer import Trainer, init_distributed
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(resolved_config))
+    validate(cfg)
+    init_distributed()
+    rank = torch.distributed.get_rank()
+    try:
+        Trainer(cfg).train(console=print if rank == 0 or _is_logger() else (lambda *a, **k: None))
+    except KScaleError as e:
+        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        from megatron.core import parallel_state
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _is_logger() -> bool:
+    from megatron.core import parallel_state as ps
+    return ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
+        and ps.get_data_parallel_rank() == 0
+
+
+def train(config_path, overrides=(), nproc: int | None = None) -> int:
+    cfg, resolved = prepare_run(config_path, overrides, nproc)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:       # started by torchrun / srun
+        return run_rank(resolved)
+    n = cfg.parallel.nproc
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
+           "LOCAL_WORLD_SIZE": str(n), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    procs = [subprocess.Popen([sys.executable, "-m", "kronecker_scale.train.launch_local", str(resolved)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(n)]
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                for p in procs:
+                    p.wait()
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(run_rank(sys.argv[1]))

@@ -1,0 +1,268 @@
+"""The training loop of the megatron engine: one process per rank, started by `kscale train`.
+
+config -> tokenizer + byte table -> data (this DP rank) -> model (this TP/PP rank) -> DDP + optimizer
+-> steps (megatron's schedules) -> metrics, evaluation, checkpoints. Resumes from `latest` exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import KScaleError
+from . import checkpoint
+
+
+def learning_rate(step: int, cfg: DictConfig) -> float:
+    """Linear warmup, then cosine / linear decay to min_lr, or constant; a pure function of the step."""
+    s, o = cfg.schedule, cfg.optim
+    if s.warmup_steps and step < s.warmup_steps:
+        return o.lr * (step + 1) / s.warmup_steps
+    if s.decay == "constant":
+        return o.lr
+    total = max((s.decay_steps or s.train_steps) - s.warmup_steps, 1)
+    progress = min(max(step - s.warmup_steps, 0) / total, 1.0)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if s.decay == "cosine" else 1 - progress
+    return o.min_lr + (o.lr - o.min_lr) * shape
+
+
+def init_distributed() -> None:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank,
+                                         world_size=world)
+    if not torch.cuda.is_available():
+        from ..model import megatron_cpu
+        megatron_cpu.enable()
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig):
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        from ..data import build_loader, check_manifest, read_manifest
+        from ..embedding import ByteTable
+        from ..model.config import GPTConfig
+        from ..tokenizer import load_tokenizer
+        from ..tokenizer.assets import tokenizer_path
+
+        self.cfg, self.ps = cfg, ps
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        p = cfg.parallel
+        ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline)
+        torch.manual_seed(cfg.run.seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
+        self.model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))
+        tok = load_tokenizer(tokenizer_path(cfg.tokenizer.path))
+        self.byte_table = None
+        if self.model_cfg.input_layer == "kronecker":
+            self.byte_table = ByteTable.from_tokenizer(tok.path, self.model_cfg.pos_dim, cfg.tokenizer.byte_source)
+        for src in cfg.data.train:
+            check_manifest(read_manifest(src.path), tokenizer_fingerprint=tok.fingerprint, vocab_size=tok.vocab_size,
+                           seq_len=self.model_cfg.seq_len, where=f"data.train: {src.path}")
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * self.dp_size)
+        self._build_model(tok.vocab_size)
+        common = dict(micro_batch_size=cfg.data.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                      seed=cfg.data.seed, cache_dir=cfg.data.cache_dir, num_workers=cfg.data.num_workers,
+                      tokenizer_fingerprint=tok.fingerprint, seq_len=self.model_cfg.seq_len)
+        from ..data import DataSource
+        self.train_loader = build_loader([DataSource(s.path, s.proportion) for s in cfg.data.train], "train", **common)
+        val_src = cfg.data.val or cfg.data.train[0].path
+        self.val_loader = None
+        if read_manifest(val_src)["splits"].get("val", {}).get("samples", 0) >= cfg.data.micro_batch_size:
+            self.val_loader = build_loader([val_src], "val", **{**common, "seed": 0})
+        self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+                          and self.dp_rank == 0)
+
+    # --- model, optimizer --------------------------------------------------------------------------
+    def _build_model(self, vocab_size: int) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import get_standard_config_overrides
+        from megatron.core.optimizer.optimizer_config import ParamKey
+        from megatron.core.transformer.module import Float16Module
+
+        from ..model.megatron_gpt import build_model, transformer_config
+        cfg, p = self.cfg, self.cfg.parallel
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.run.precision]
+        self.tcfg = transformer_config(self.model_cfg, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
+                                       sequence_parallel=p.sequence, params_dtype=dtype,
+                                       deterministic_mode=cfg.run.deterministic)
+        model = build_model(self.model_cfg, self.tcfg, byte_table=self.byte_table, vocab_size=vocab_size)
+        self.n_params = sum(x.numel() for x in model.parameters())
+        self.core_model = model
+        if torch.cuda.is_available():
+            model.cuda()
+        if dtype != torch.float32:
+            model = Float16Module(self.tcfg, model)
+        self.model = DistributedDataParallel(self.tcfg, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=p.distributed_optimizer), model)
+        o = cfg.optim
+        opt_cfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                                  adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
+                                  bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+                                  use_distributed_optimizer=p.distributed_optimizer)
+        overrides = get_standard_config_overrides(opt_cfg)
+        if not o.decay_projection and self.model_cfg.input_layer == "kronecker":
+            overrides[ParamKey(name=("*embedding.word_embeddings.weight", "*output_layer.weight")
+                               if self.model_cfg.head == "kronecker_tied" else "*embedding.word_embeddings.weight")] \
+                = {"wd_mult": 0.0}
+        self.optimizer = get_megatron_optimizer(opt_cfg, [self.model], config_overrides=overrides)
+        self.tcfg.finalize_model_grads_func = finalize_model_grads
+        self.tcfg.no_sync_func = self.model.no_sync
+        if dtype == torch.float16:
+            self.tcfg.grad_scale_func = self.optimizer.scale_loss
+
+    # --- one step ------------------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        output = model(tokens, positions, None, labels=labels)
+
+        def loss_func(per_token):
+            total = per_token.float().sum()
+            n = torch.tensor(per_token.numel(), device=per_token.device)
+            return total, n.to(torch.int), {"lm loss": torch.stack([total.detach(), n.float()])}
+        return output, loss_func
+
+    def _batches(self, loader, state_key: str):
+        while True:                                      # epochs: streaming continues where it stopped
+            for batch in loader:
+                yield batch
+            self.epochs[state_key] = self.epochs.get(state_key, 0) + 1
+
+    def _reduce_loss(self, stats) -> tuple[float, int]:
+        """Mean loss over the global batch (summed over micro-batches and data-parallel ranks)."""
+        total = torch.zeros(2)
+        for s in stats:
+            total += s["lm loss"].detach().float().cpu()
+        if self.ps.is_pipeline_last_stage(ignore_virtual=True):
+            total_dev = total.to("cuda") if torch.cuda.is_available() else total
+            torch.distributed.all_reduce(total_dev, group=self.ps.get_data_parallel_group())
+            total = total_dev.cpu()
+        return (total[0] / total[1].clamp_min(1)).item(), int(total[1])
+
+    def evaluate(self) -> float | None:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        if self.val_loader is None:
+            return None
+        it = iter(self.val_loader)
+        batches = [b for _, b in zip(range(self.cfg.eval.batches), it)]
+        self.model.eval()
+        with torch.no_grad():
+            stats = get_forward_backward_func()(
+                forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
+                num_microbatches=len(batches), seq_length=self.model_cfg.seq_len,
+                micro_batch_size=self.cfg.data.micro_batch_size, forward_only=True)
+        self.model.train()
+        return self._reduce_loss(stats)[0] if stats else None
+
+    def norm_stats(self) -> dict:
+        """The paper's norm-drift statistics of the input layer (first stage), sent to the logging rank."""
+        ps = self.ps
+        stats = torch.zeros(2)
+        if ps.is_pipeline_first_stage(ignore_virtual=True):
+            w = self.core_model.embedding.word_embeddings.weight.detach().float().cpu()
+            sq = (w ** 2).sum(1)                    # per row, this rank's columns (or vocab rows)
+            if self.model_cfg.input_layer == "kronecker" and self.model_cfg.kronecker_tp == "shard_d":
+                sq_dev = sq.to(w.device)
+                torch.distributed.all_reduce(sq_dev, group=ps.get_tensor_model_parallel_group())
+                sq = sq_dev.cpu()
+            stats[0] = sq.sqrt().mean()
+            stats[1] = w.std()
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(stats, group=ps.get_pipeline_model_parallel_group())
+        name = "projection" if self.model_cfg.input_layer == "kronecker" else "table"
+        return {f"{name}_row_norm": stats[0].item(), f"{name}_std": stats[1].item()}
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def train(self, console=print) -> dict:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from .metrics import MetricsWriter
+        cfg = self.cfg
+        step, tokens, skipped = 0, 0, 0
+        self.epochs = {}
+        resume = None if cfg.checkpoint.resume == "none" else (
+            checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
+        if resume is not None:
+            state = checkpoint.load(resume, self.model, self.optimizer)
+            step, tokens, skipped = state["step"], state["tokens"], state["skipped_steps"]
+            self.epochs = state.get("epochs", {})
+            self.train_loader.load_state_dict(state["train_loader"])
+            console(f"resumed from {resume} at step {step}" + ("" if state.get("rng_restored") else
+                                                              " (new world size: RNG states re-seeded)"))
+        metrics = MetricsWriter(self.run_dir, self.is_logger, cfg.logging.tensorboard, console, resume_step=step)
+        batches = self._batches(self.train_loader, "train")
+        fb = get_forward_backward_func()
+        tokens_per_step = cfg.data.global_batch_size * self.model_cfg.seq_len
+        crash_at = int(os.environ.get("KSCALE_FAULT_EXIT_AFTER_STEP", "-1"))
+        while step < cfg.schedule.train_steps:
+            t0 = time.perf_counter()
+            lr = learning_rate(step, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            stats = fb(forward_step_func=self._forward_step, data_iterator=batches, model=[self.model],
+                       num_microbatches=self.num_micro, seq_length=self.model_cfg.seq_len,
+                       micro_batch_size=cfg.data.micro_batch_size, forward_only=False)
+            loss, _ = self._reduce_loss(stats)
+            finite = torch.tensor([1.0 if (not stats or math.isfinite(loss)) else 0.0],
+                                  device="cuda" if torch.cuda.is_available() else "cpu")
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)   # every rank decides alike
+            if finite.item() == 0:
+                if cfg.run.on_nan == "stop":
+                    raise KScaleError(f"loss is not finite at step {step}", where=f"{cfg.run.dir}",
+                                      fix="lower optim.lr, check the data, or set run.on_nan=skip")
+                skipped += 1
+                if skipped > cfg.run.max_skipped_steps:
+                    raise KScaleError(f"{skipped} steps with a non-finite loss", fix="lower optim.lr")
+                grad_norm = float("nan")
+            else:
+                _, grad_norm, _ = self.optimizer.step()
+            step += 1
+            tokens += tokens_per_step
+            dt = time.perf_counter() - t0
+            record = {"step": step, "loss": loss, "ppl": math.exp(min(loss, 50)), "lr": lr,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "tokens": tokens,
+                      "step_time": dt, "tokens_per_s": tokens_per_step / dt, "skipped_steps": skipped}
+            if cfg.logging.peak_tflops:
+                world = torch.distributed.get_world_size()
+                record["mfu"] = 6 * self.n_params * record["tokens_per_s"] / (cfg.logging.peak_tflops * 1e12 * world)
+            record["memory_gb"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                                   else __import__("psutil").Process().memory_info().rss) / 2**30
+            record.update(self.norm_stats())
+            if step % cfg.logging.every == 0 or step == cfg.schedule.train_steps:
+                metrics.write(record)
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.schedule.train_steps):
+                val = self.evaluate()
+                if val is not None:
+                    metrics.write({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50)), "tokens": tokens})
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
+                    step == cfg.schedule.train_steps and cfg.checkpoint.save_at_end):
+                self.save(step, tokens, skipped)
+            if step == crash_at:                           # fault injection for the resume tests
+                os._exit(137)
+        metrics.close()
+        return {"step": step, "tokens": tokens, "skipped_steps": skipped}
+
+    def save(self, step: int, tokens: int, skipped: int) -> None:
+        state = {"step": step, "tokens": tokens, "skipped_steps": skipped, "epochs": self.epochs,
+                 "train_loader": self.train_loader.state_dict(),
+                 "world_size": torch.distributed.get_world_size()}
+        checkpoint.save(self.ckpt_dir, step, self.model, self.optimizer, state, OmegaConf.to_yaml(self.cfg),
+                        self.byte_table, keep_last=self.cfg.checkpoint.keep_last)
