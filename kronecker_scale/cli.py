@@ -157,6 +157,21 @@ def cmd_train(args) -> int:
     return train(args.config, args.overrides, args.nproc)
 
 
+def cmd_compare(args) -> int:
+    from .train.report import compare_runs
+    res = compare_runs(args.runs, args.out)
+    steps = sorted(res["table"])
+    rows = [[step, *[f"{res['table'][step].get(lab, float('nan')):.4f}" for lab in res["labels"]]] for step in steps]
+    con = _console()
+    con.print(_table("Validation loss by step", ["step", *res["labels"]], rows))
+    if len(res["final"]) == 2:
+        (a, va), (b, vb) = res["final"].items()
+        con.print(f"final validation loss: {a} {va:.4f} vs {b} {vb:.4f}: difference {va - vb:+.4f} nats "
+                  f"({100 * (va - vb) / vb:+.2f}%)")
+    con.print(f"wrote {res['md']} and {res['png']}")
+    return 0
+
+
 # --- data -----------------------------------------------------------------------------------
 def cmd_prepare_data(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -235,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4 parallel.tensor=2")
     s.add_argument("--nproc", type=int, help="local processes (gloo on CPU, NCCL on GPU); = parallel.nproc")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("compare", help="compare runs: validation loss table and plot")
+    s.add_argument("runs", nargs="+", help="run directories (holding metrics.jsonl)")
+    s.add_argument("--out", default="runs/compare")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("prepare-data", help="tokenize text into MDS shards of fixed-length uint32 samples")
     s.add_argument("inputs", nargs="+", help="text files, folders, .jsonl(.gz/.zst), .parquet")

@@ -205,7 +205,10 @@ class KroneckerLanguageModelEmbedding(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         state = self.state_dict(prefix="", keep_vars=True)
         axis = {"word_embeddings.weight": 1} if self.mode == "shard_d" else {}
-        return make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets, tp_group=self.tp_group)
+        # both groups: TP decides the shard / replica along d, DP(+CP) which copy is the main one
+        dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets, tp_group=self.tp_group,
+                                                   dp_cp_group=dp_cp)
 
 
 # ------------------------------------------------------------------------------------------

@@ -72,25 +72,36 @@ def train(config_path, overrides=(), nproc: int | None = None) -> int:
     n = cfg.parallel.nproc
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
            "LOCAL_WORLD_SIZE": str(n), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # each rank leads its own process group, so stopping a rank also stops what it spawned (megatron's
+    # checkpoint writer starts a multiprocessing Manager that would otherwise outlive a killed rank)
     procs = [subprocess.Popen([sys.executable, "-m", "kronecker_scale.train.launch_local", str(resolved)],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(n)]
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
+             for r in range(n)]
+
+    def stop_all(sig=signal.SIGTERM):
+        for p in procs:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+
     try:
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
-                for p in procs:
-                    if p.poll() is None:
-                        p.send_signal(signal.SIGTERM)
-                for p in procs:
-                    p.wait()
+                stop_all()
+                deadline = time.time() + 10
+                while any(p.poll() is None for p in procs) and time.time() < deadline:
+                    time.sleep(0.1)
+                stop_all(signal.SIGKILL)
                 return failed[0]
             if all(c == 0 for c in codes):
+                stop_all(signal.SIGKILL)            # leftovers of finished ranks, if any
                 return 0
             time.sleep(0.2)
     except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
+        stop_all()
         raise
 
 

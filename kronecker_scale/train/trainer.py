@@ -199,7 +199,7 @@ class Trainer:
         resume = None if cfg.checkpoint.resume == "none" else (
             checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
         if resume is not None:
-            state = checkpoint.load(resume, self.model, self.optimizer)
+            state = checkpoint.load(resume, self.core_model, self.optimizer)
             step, tokens, skipped = state["step"], state["tokens"], state["skipped_steps"]
             self.epochs = state.get("epochs", {})
             self.train_loader.load_state_dict(state["train_loader"])
@@ -264,5 +264,5 @@ class Trainer:
         state = {"step": step, "tokens": tokens, "skipped_steps": skipped, "epochs": self.epochs,
                  "train_loader": self.train_loader.state_dict(),
                  "world_size": torch.distributed.get_world_size()}
-        checkpoint.save(self.ckpt_dir, step, self.model, self.optimizer, state, OmegaConf.to_yaml(self.cfg),
+        checkpoint.save(self.ckpt_dir, step, self.core_model, self.optimizer, state, OmegaConf.to_yaml(self.cfg),
                         self.byte_table, keep_last=self.cfg.checkpoint.keep_last)
