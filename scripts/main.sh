@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
-# The README's main job: set-up (idempotent), then the main job on its small built-in default.
-# Today: byte tables of five real tokenizers (exact vs decode, pos_dim 16/32), coverage and collision
-# tables, a plot, and the parameter accounting of the paper. Output in runs/demo/.
+# The README's main job: set-up (idempotent), then on a small built-in default:
+#   1. assemble a small real English corpus (Gutenberg books; Brown + State of the Union held out),
+#   2. tokenize it with GPT-2's vocabulary into MDS shards (seq_len 128),
+#   3. train the tiny Kronecker model and the tiny BPE-tied baseline (configs/tiny-cpu*.yaml),
+#   4. print and plot their validation losses (runs/compare/).
+# Every step is resumable: a second run reuses the corpus and data and resumes the runs from `latest`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-exec .venv/bin/kscale demo --out "${1:-runs/demo}"
+K=.venv/bin/kscale
+$K demo-corpus --out runs/data/corpus
+if [ ! -f runs/data/demo-gpt2-128/manifest.json ]; then
+  $K prepare-data --tokenizer gpt2 --seq-len 128 --out runs/data/demo-gpt2-128 runs/data/corpus/train \
+    --val-input runs/data/corpus/heldout
+fi
+$K train configs/tiny-cpu.yaml "$@"
+$K train configs/tiny-cpu-bpe.yaml "$@"
+$K compare runs/tiny-cpu runs/tiny-cpu-bpe --out runs/compare

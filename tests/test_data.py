@@ -154,6 +154,23 @@ def test_undecodable_file_names_file_and_offset_or_is_skipped(tmp_path, content,
     assert len(m["skipped_files"]) == 1 and "bad.txt" in m["skipped_files"][0]["file"]
 
 
+def test_parquet_input_and_mixing_two_datasets_by_proportion(tmp_path, dataset, docs):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root, _ = dataset
+    pq.write_table(pa.table({"text": ["State of the Union. " * 150, "Parquet rows are documents. " * 150]}),
+                   tmp_path / "docs.parquet")
+    m = prepare_data(tokenizer_path("gpt2"), [tmp_path / "docs.parquet"], tmp_path / "pq", SEQ, workers=1)
+    assert m["documents"] == 2 and m["splits"]["train"]["samples"] > 10
+    from kronecker_scale.data import DataSource
+    mixed = build_loader([DataSource(str(root / "out"), 0.5), DataSource(str(tmp_path / "pq"), 0.5)], "train",
+                         micro_batch_size=2, dp_rank=0, dp_size=1, seed=3, cache_dir=tmp_path / "cache")
+    tok = load_tokenizer(tokenizer_path("gpt2"))
+    texts = [tok.decode(row.tolist()) for b in mixed for row in b["tokens"]]
+    from_pq = sum(("State of the Union" in t or "Parquet rows" in t) for t in texts)
+    assert 0.3 < from_pq / len(texts) < 0.7                       # about half from each source
+
+
 def test_bad_inputs_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(KScaleError, match="no input files"):

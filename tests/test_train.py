@@ -138,3 +138,26 @@ def test_resume_into_another_tensor_parallel_layout(tmp_path, data):
     assert "resumed from" in r.stdout and "RNG states re-seeded" not in r.stdout   # same world size
     got = losses(tmp_path / "run")
     assert sorted(got) == list(range(1, 7)) and got[6] < got[1]
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+def test_every_shipped_config_is_valid(path):
+    from kronecker_scale.config import load_config
+    cfg = load_config(REPO / path)
+    assert cfg.model.n_layers % cfg.parallel.pipeline == 0 and cfg.run.name
+
+
+@pytest.mark.timeout(600)
+def test_non_finite_loss_is_skipped_and_counted_or_stops_the_run(tmp_path, data):
+    skip = tmp_path / "skip"
+    skip.mkdir()
+    r = kscale("train", config(skip, data), "run.on_nan=skip", "schedule.train_steps=4",
+               env={"KSCALE_FAULT_NAN_AT_STEP": "2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (skip / "run" / "metrics.jsonl").read_text().splitlines()]
+    by_step = {x["step"]: x for x in recs if "loss" in x}
+    assert by_step[1]["skipped_steps"] == 0 and by_step[2]["skipped_steps"] == 1 and by_step[4]["skipped_steps"] == 1
+    stop = tmp_path / "stop"
+    stop.mkdir()
+    r = kscale("train", config(stop, data), "schedule.train_steps=4", env={"KSCALE_FAULT_NAN_AT_STEP": "2"})
+    assert r.returncode == 2 and "loss is not finite at step 2" in r.stderr

@@ -181,8 +181,22 @@ class KroneckerEmbedding(nn.Module):
                 if extra.get(key) != mine[key]:
                     raise KScaleError(f"embedding setting {key} differs: checkpoint {extra.get(key)!r}, "
                                       f"model {mine[key]!r}", where=f"state dict key {prefix}_extra_state")
+            self._accept_other_padding(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _accept_other_padding(self, state_dict, prefix) -> None:
+        """A checkpoint saved with another vocabulary padding (another TP size) has the same real rows
+        (the fingerprints matched) and only empty rows beyond them: keep this model's padded table."""
+        theirs_b, theirs_l = state_dict.get(prefix + "token_bytes"), state_dict.get(prefix + "token_lengths")
+        if theirs_b is None or theirs_l is None or theirs_b.shape == self.token_bytes.shape:
+            return
+        n = min(len(theirs_l), len(self.token_lengths))
+        same = torch.equal(theirs_b[:n].cpu(), self.token_bytes[:n].cpu()) and \
+            torch.equal(theirs_l[:n].cpu(), self.token_lengths[:n].cpu())
+        if not same or bool(theirs_l[n:].any()) or bool(self.token_lengths[n:].any()):
+            raise KScaleError("byte table rows differ from the checkpoint's", where=f"state dict key {prefix}token_bytes")
+        state_dict[prefix + "token_bytes"], state_dict[prefix + "token_lengths"] = self.token_bytes, self.token_lengths
 
     def extra_repr(self) -> str:
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, pos_dim={self.pos_dim}, "

@@ -207,8 +207,13 @@ class KroneckerLanguageModelEmbedding(MegatronModule):
         axis = {"word_embeddings.weight": 1} if self.mode == "shard_d" else {}
         # both groups: TP decides the shard / replica along d, DP(+CP) which copy is the main one
         dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        return make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets, tp_group=self.tp_group,
-                                                   dp_cp_group=dp_cp)
+        sharded = make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets, tp_group=self.tp_group,
+                                                      dp_cp_group=dp_cp)
+        # the padded vocabulary is a multiple of divisible_by x TP, so the byte table's row count follows the
+        # layout; like megatron's vocab-sized weights it may differ on load (the fingerprint must not)
+        for key in ("word_embeddings.token_bytes", "word_embeddings.token_lengths"):
+            sharded[prefix + key].allow_shape_mismatch = True
+        return sharded
 
 
 # ------------------------------------------------------------------------------------------

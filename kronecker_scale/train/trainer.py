@@ -132,8 +132,10 @@ class Trainer:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         output = model(tokens, positions, None, labels=labels)
 
+        poison = self.nan_step is not None and self.step_in_progress == self.nan_step   # fault injection
+
         def loss_func(per_token):
-            total = per_token.float().sum()
+            total = per_token.float().sum() * (float("nan") if poison else 1.0)
             n = torch.tensor(per_token.numel(), device=per_token.device)
             return total, n.to(torch.int), {"lm loss": torch.stack([total.detach(), n.float()])}
         return output, loss_func
@@ -210,7 +212,9 @@ class Trainer:
         fb = get_forward_backward_func()
         tokens_per_step = cfg.data.global_batch_size * self.model_cfg.seq_len
         crash_at = int(os.environ.get("KSCALE_FAULT_EXIT_AFTER_STEP", "-1"))
+        self.nan_step = int(os.environ["KSCALE_FAULT_NAN_AT_STEP"]) if "KSCALE_FAULT_NAN_AT_STEP" in os.environ else None
         while step < cfg.schedule.train_steps:
+            self.step_in_progress = step + 1
             t0 = time.perf_counter()
             lr = learning_rate(step, cfg)
             for group in self.optimizer.param_groups:
@@ -226,7 +230,7 @@ class Trainer:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)   # every rank decides alike
             if finite.item() == 0:
                 if cfg.run.on_nan == "stop":
-                    raise KScaleError(f"loss is not finite at step {step}", where=f"{cfg.run.dir}",
+                    raise KScaleError(f"loss is not finite at step {step + 1}", where=f"{cfg.run.dir}",
                                       fix="lower optim.lr, check the data, or set run.on_nan=skip")
                 skipped += 1
                 if skipped > cfg.run.max_skipped_steps:
