@@ -34,6 +34,19 @@ def _configs(block_ns, block_ds, warps):
             for bn in block_ns for bd in block_ds for w in warps]
 
 
+@triton.jit
+def _token_block(ids_ptr, lengths_ptr, alpha_ptr, N, d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tokens and columns: offsets, masks, ids, lengths L and alpha(L)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_mask = offs_n < N
+    d_mask = offs_d < d
+    ids = tl.load(ids_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+    L = tl.load(lengths_ptr + ids, mask=n_mask, other=0).to(tl.int32)
+    alpha = tl.load(alpha_ptr + L, mask=n_mask, other=0.0)
+    return offs_n, offs_d, n_mask, d_mask, ids, L, alpha
+
+
 # ------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------
@@ -42,15 +55,8 @@ def _configs(block_ns, block_ds, warps):
 def _forward_kernel(ids_ptr, bytes_ptr, lengths_ptr, alpha_ptr, beta_ptr, w_ptr, colsum_ptr, out_ptr,
                     N, d, stride_wr, stride_wc, stride_on, stride_oc,
                     P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    n_mask = offs_n < N
-    d_mask = offs_d < d
-    ids = tl.load(ids_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
-    L = tl.load(lengths_ptr + ids, mask=n_mask, other=0).to(tl.int32)
-    alpha = tl.load(alpha_ptr + L, mask=n_mask, other=0.0)
+    offs_n, offs_d, n_mask, d_mask, ids, L, alpha = _token_block(ids_ptr, lengths_ptr, alpha_ptr, N, d,
+                                                                 BLOCK_N, BLOCK_D)
     beta = tl.load(beta_ptr + L, mask=n_mask, other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     max_len = tl.max(L, axis=0)                 # most tokens are short: stop at the block's longest
@@ -75,15 +81,8 @@ def _forward_kernel(ids_ptr, bytes_ptr, lengths_ptr, alpha_ptr, beta_ptr, w_ptr,
 def _backward_atomic_kernel(ids_ptr, bytes_ptr, lengths_ptr, alpha_ptr, g_ptr, dw_ptr,
                             N, d, stride_gn, stride_gc, stride_dr,
                             P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    n_mask = offs_n < N
-    d_mask = offs_d < d
-    ids = tl.load(ids_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
-    L = tl.load(lengths_ptr + ids, mask=n_mask, other=0).to(tl.int32)
-    alpha = tl.load(alpha_ptr + L, mask=n_mask, other=0.0)
+    offs_n, offs_d, n_mask, d_mask, ids, L, alpha = _token_block(ids_ptr, lengths_ptr, alpha_ptr, N, d,
+                                                                 BLOCK_N, BLOCK_D)
     g = tl.load(g_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gc,
                 mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
     scaled = g * alpha[:, None]

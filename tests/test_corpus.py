@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import stat
+import subprocess
 
 import pytest
 
@@ -38,7 +39,7 @@ def _no_npm(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"unexpected subprocess call {args}")
-    monkeypatch.setattr(C.subprocess, "run", refuse)
+    monkeypatch.setattr(subprocess, "run", refuse)
 
 
 def test_train_split_is_the_capped_prefix_of_the_gutenberg_books(built):

@@ -85,8 +85,8 @@ def test_missing_and_malformed_config_files(tmp_path):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", [["parallel.nproc=2"], ["parallel.nproc=2", "parallel.tensor=2"]],
-                         ids=["dp2", "tp2"])
+@pytest.mark.parametrize("layout", [["parallel.nproc=2"], ["parallel.nproc=2", "parallel.tensor=2"],
+                                    ["parallel.nproc=2", "parallel.pipeline=2"]], ids=["dp2", "tp2", "pp2"])
 def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path, data, layout):
     straight = tmp_path / "straight"
     straight.mkdir()

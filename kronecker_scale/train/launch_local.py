@@ -70,8 +70,10 @@ def train(config_path, overrides=(), nproc: int | None = None) -> int:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:       # started by torchrun / srun
         return run_rank(resolved)
     n = cfg.parallel.nproc
+    # share the cores: more OpenMP threads than cores across ranks stalls everything on small machines
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
-           "LOCAL_WORLD_SIZE": str(n), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+           "LOCAL_WORLD_SIZE": str(n), "OMP_NUM_THREADS": threads}
     # each rank leads its own process group, so stopping a rank also stops what it spawned (megatron's
     # checkpoint writer starts a multiprocessing Manager that would otherwise outlive a killed rank)
     procs = [subprocess.Popen([sys.executable, "-m", "kronecker_scale.train.launch_local", str(resolved)],
