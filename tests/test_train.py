@@ -120,9 +120,10 @@ def test_crash_during_checkpoint_write_keeps_latest_on_the_previous_checkpoint(t
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("arm", ["bpe_tied", "kronecker_tied"])
+@pytest.mark.parametrize("arm", ["bpe_tied", "bpe_untied", "kronecker_tied"])
 def test_other_arms_learn(tmp_path, data, arm):
-    model = {"input_layer": "bpe", "head": "tied"} if arm == "bpe_tied" else {"head": "kronecker_tied"}
+    model = {"bpe_tied": {"input_layer": "bpe", "head": "tied"}, "bpe_untied": {"input_layer": "bpe", "head": "untied"},
+             "kronecker_tied": {"head": "kronecker_tied"}}[arm]
     r = kscale("train", config(tmp_path, data, model=model))
     assert r.returncode == 0, r.stderr[-3000:]
     got = losses(tmp_path / "run")
