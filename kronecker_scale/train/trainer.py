@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -248,7 +249,7 @@ class Trainer:
                 world = torch.distributed.get_world_size()
                 record["mfu"] = 6 * self.n_params * record["tokens_per_s"] / (cfg.logging.peak_tflops * 1e12 * world)
             record["memory_gb"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-                                   else __import__("psutil").Process().memory_info().rss) / 2**30
+                                   else psutil.Process().memory_info().rss) / 2**30
             record.update(self.norm_stats())
             if step % cfg.logging.every == 0 or step == cfg.schedule.train_steps:
                 metrics.write(record)
