@@ -67,22 +67,14 @@ def test_reference_trains(reference):
 
 
 @pytest.mark.timeout(600)
-def test_tp2_equals_tp1_for_every_arm_and_both_kronecker_variants(reference, tmp_path):
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
+def test_tp2_with_and_without_sequence_parallel_equals_tp1(reference, tmp_path, sp):
+    """Every arm, and both TP layouts of the Kronecker projection."""
     ref, ref_file = reference
-    cases = {f"{n}/tp2": {"model": m, "tp": 2, "ref": n} for n, m in ARMS.items()}
-    cases.update({f"{n}/tp2-replicated": {"model": {**ARMS[n], "kronecker_tp": "replicated"}, "tp": 2, "ref": n}
-                  for n in KRON_ARMS})
-    results = spawn(tmp_path, 2, cases, ref_file)
-    for case, res in results[0].items():
-        compare(res, ref[case.split("/")[0]], case)
-
-
-@pytest.mark.timeout(600)
-def test_sequence_parallel_equals_tp1(reference, tmp_path):
-    ref, ref_file = reference
-    cases = {f"{n}/sp": {"model": m, "tp": 2, "sp": True, "ref": n} for n, m in ARMS.items()}
-    cases.update({f"{n}/sp-replicated": {"model": {**ARMS[n], "kronecker_tp": "replicated"}, "tp": 2, "sp": True,
-                                         "ref": n} for n in KRON_ARMS})
+    tag = "sp" if sp else "tp2"
+    cases = {f"{n}/{tag}": {"model": m, "tp": 2, "sp": sp, "ref": n} for n, m in ARMS.items()}
+    cases.update({f"{n}/{tag}-replicated": {"model": {**ARMS[n], "kronecker_tp": "replicated"}, "tp": 2, "sp": sp,
+                                            "ref": n} for n in KRON_ARMS})
     results = spawn(tmp_path, 2, cases, ref_file)
     for case, res in results[0].items():
         compare(res, ref[case.split("/")[0]], case)

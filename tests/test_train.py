@@ -94,6 +94,12 @@ def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path, data, l
     assert r.returncode == 0, r.stderr[-3000:]
     expected = losses(straight / "run")
     assert sorted(expected) == list(range(1, 9))
+    # norm statistics cover the whole projection in every layout: rows of N(0, 1/D) in d = 32 columns
+    first = next(r for r in map(json.loads, (straight / "run" / "metrics.jsonl").read_text().splitlines())
+                 if r["step"] == 1 and "loss" in r)
+    D = 256 * 16
+    assert first["projection_row_norm"] == pytest.approx(((32 - 0.5) / D) ** 0.5, rel=0.05)
+    assert first["projection_std"] == pytest.approx(D ** -0.5, rel=0.05)
     assert expected[8] < expected[1]                            # it learns
     broken = tmp_path / "broken"
     broken.mkdir()

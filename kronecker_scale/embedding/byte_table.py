@@ -76,7 +76,7 @@ class ByteTable:
 
     def __init__(self, table: torch.Tensor, lengths: torch.Tensor, pos_dim: int, *, byte_source: str,
                  num_token_ids: int | None = None, tokenizer_fingerprint: str | None = None,
-                 source: str | None = None):
+                 source: str | None = None, full_lengths: np.ndarray | None = None):
         self.pos_dim = check_pos_dim(pos_dim)
         if table.dtype != torch.uint8 or table.dim() != 2 or table.shape[1] != pos_dim:
             raise KScaleError(f"byte table must be uint8 [V, {pos_dim}], got {tuple(table.shape)} {table.dtype}")
@@ -90,6 +90,8 @@ class ByteTable:
         self.num_token_ids = table.shape[0] if num_token_ids is None else num_token_ids
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.source = source
+        # untruncated byte lengths of the real ids (known when built from token bytes): for the stats
+        self.full_lengths = full_lengths
         self.fingerprint = _fingerprint(table[: self.num_token_ids].numpy(),
                                         self.lengths[: self.num_token_ids].numpy(), pos_dim, byte_source)
 
@@ -105,10 +107,9 @@ class ByteTable:
             b = utf8_safe_truncate(b, pos_dim)
             table[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
             lengths[i] = len(b)
-        t = cls(torch.from_numpy(table), torch.from_numpy(lengths), pos_dim, byte_source=byte_source,
-                tokenizer_fingerprint=tokenizer_fingerprint, source=source)
-        t._full_lengths = np.fromiter((len(b) for b in token_bytes), dtype=np.int64, count=V)
-        return t
+        return cls(torch.from_numpy(table), torch.from_numpy(lengths), pos_dim, byte_source=byte_source,
+                   tokenizer_fingerprint=tokenizer_fingerprint, source=source,
+                   full_lengths=np.fromiter((len(b) for b in token_bytes), dtype=np.int64, count=V))
 
     @classmethod
     def from_tokenizer(cls, path, pos_dim: int = 32, byte_source: str = "exact") -> "ByteTable":
@@ -142,13 +143,11 @@ class ByteTable:
         if padded == V:
             return self
         extra = padded - V
-        t = ByteTable(torch.cat([self.bytes, self.bytes.new_zeros(extra, self.pos_dim)]),
-                      torch.cat([self.lengths, self.lengths.new_zeros(extra)]), self.pos_dim,
-                      byte_source=self.byte_source, num_token_ids=self.num_token_ids,
-                      tokenizer_fingerprint=self.tokenizer_fingerprint, source=self.source)
-        if hasattr(self, "_full_lengths"):
-            t._full_lengths = self._full_lengths
-        return t
+        return ByteTable(torch.cat([self.bytes, self.bytes.new_zeros(extra, self.pos_dim)]),
+                         torch.cat([self.lengths, self.lengths.new_zeros(extra)]), self.pos_dim,
+                         byte_source=self.byte_source, num_token_ids=self.num_token_ids,
+                         tokenizer_fingerprint=self.tokenizer_fingerprint, source=self.source,
+                         full_lengths=self.full_lengths)
 
     # --- properties -----------------------------------------------------------------------
     @property
@@ -162,7 +161,7 @@ class ByteTable:
         n = self.num_token_ids
         table = self.bytes[:n].numpy()
         lengths = self.lengths[:n].numpy().astype(np.int64)
-        full = getattr(self, "_full_lengths", lengths)
+        full = self.full_lengths if self.full_lengths is not None else lengths
         rows = np.concatenate([table, lengths[:, None].astype(np.uint8)], axis=1)
         nonempty = lengths > 0
         _, inverse, counts = np.unique(rows[nonempty], axis=0, return_inverse=True, return_counts=True)

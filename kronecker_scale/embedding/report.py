@@ -64,7 +64,7 @@ def plot_length_histograms(tables: dict[tuple[str, int], ByteTable], out: Path) 
     fig, (ax, tail) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, (P, t) in largest.items():
         n = t.num_token_ids
-        full = np.asarray(getattr(t, "_full_lengths", t.lengths[:n].numpy()))
+        full = t.full_lengths if t.full_lengths is not None else t.lengths[:n].numpy()
         counts = np.bincount(np.clip(full, 0, 40), minlength=41)[1:] / n
         ax.plot(np.arange(1, 41), counts * 100, marker=".", label=f"{name} (V={n:,})")
         xs = np.arange(1, 65)

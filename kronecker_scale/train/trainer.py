@@ -79,7 +79,7 @@ class Trainer:
         from ..data import DataSource
         self.train_loader = build_loader([DataSource(s.path, s.proportion) for s in cfg.data.train], "train", **common)
         val_src = cfg.data.val or cfg.data.train[0].path
-        self.val_loader = None
+        self.val_loader, self.val_batches = None, None
         if read_manifest(val_src)["splits"].get("val", {}).get("samples", 0) >= cfg.data.micro_batch_size:
             self.val_loader = build_loader([val_src], "val", **{**common, "seed": 0})
         self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
@@ -141,11 +141,10 @@ class Trainer:
             return total, n.to(torch.int), {"lm loss": torch.stack([total.detach(), n.float()])}
         return output, loss_func
 
-    def _batches(self, loader, state_key: str):
-        while True:                                      # epochs: streaming continues where it stopped
-            for batch in loader:
-                yield batch
-            self.epochs[state_key] = self.epochs.get(state_key, 0) + 1
+    @staticmethod
+    def _batches(loader):
+        while True:                                      # epochs: streaming tracks them in its own state
+            yield from loader
 
     def _reduce_loss(self, stats) -> tuple[float, int]:
         """Mean loss over the global batch (summed over micro-batches and data-parallel ranks)."""
@@ -162,8 +161,11 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
         if self.val_loader is None:
             return None
-        it = iter(self.val_loader)
-        batches = [b for _, b in zip(range(self.cfg.eval.batches), it)]
+        if self.val_batches is None:
+            # the same held-out batches at every evaluation (each new streaming iteration is a new
+            # shuffled epoch), read once
+            self.val_batches = [b for _, b in zip(range(self.cfg.eval.batches), self.val_loader)]
+        batches = self.val_batches
         self.model.eval()
         with torch.no_grad():
             stats = get_forward_backward_func()(
@@ -174,22 +176,40 @@ class Trainer:
         return self._reduce_loss(stats)[0] if stats else None
 
     def norm_stats(self) -> dict:
-        """The paper's norm-drift statistics of the input layer (first stage), sent to the logging rank."""
+        """The paper's norm-drift statistics of the input layer (first stage): mean row L2 norm and the
+        std of the weight, over the whole (TP-partitioned) weight, sent to the logging rank."""
         ps = self.ps
-        stats = torch.zeros(2)
-        if ps.is_pipeline_first_stage(ignore_virtual=True):
-            w = self.core_model.embedding.word_embeddings.weight.detach().float().cpu()
-            sq = (w ** 2).sum(1)                    # per row, this rank's columns (or vocab rows)
-            if self.model_cfg.input_layer == "kronecker" and self.model_cfg.kronecker_tp == "shard_d":
-                sq_dev = sq.to(w.device)
-                torch.distributed.all_reduce(sq_dev, group=ps.get_tensor_model_parallel_group())
-                sq = sq_dev.cpu()
-            stats[0] = sq.sqrt().mean()
-            stats[1] = w.std()
+        w = self.core_model.embedding.word_embeddings.weight if ps.is_pipeline_first_stage(ignore_virtual=True) \
+            else None
+        device = w.device if w is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        # [sum of row norms, rows, sum, sum of squares, elements]
+        stats = torch.zeros(5, dtype=torch.float64, device=device)
+        tp_group = ps.get_tensor_model_parallel_group()
+        sharded = ps.get_tensor_model_parallel_world_size() > 1 and (
+            self.model_cfg.input_layer == "bpe" or self.model_cfg.kronecker_tp == "shard_d")
+        if w is not None:
+            w = w.detach().double()
+            row_sq = (w ** 2).sum(1)
+            by_columns = self.model_cfg.input_layer == "kronecker"       # shard_d splits d; BPE splits rows
+            if sharded and by_columns:
+                torch.distributed.all_reduce(row_sq, group=tp_group)
+            stats += torch.stack([row_sq.sqrt().sum(), torch.tensor(float(w.shape[0]), device=device),
+                                  w.sum(), (w ** 2).sum(), torch.tensor(float(w.numel()), device=device)])
+            if sharded:
+                part = stats[2:].clone()
+                torch.distributed.all_reduce(part, group=tp_group)
+                stats[2:] = part
+                if not by_columns:
+                    rows = stats[:2].clone()
+                    torch.distributed.all_reduce(rows, group=tp_group)
+                    stats[:2] = rows
         if ps.get_pipeline_model_parallel_world_size() > 1:
             torch.distributed.all_reduce(stats, group=ps.get_pipeline_model_parallel_group())
+        row_norm = (stats[0] / stats[1].clamp_min(1)).item()
+        n = stats[4].clamp_min(2)
+        std = ((stats[3] - stats[2] ** 2 / n) / (n - 1)).clamp_min(0).sqrt().item()
         name = "projection" if self.model_cfg.input_layer == "kronecker" else "table"
-        return {f"{name}_row_norm": stats[0].item(), f"{name}_std": stats[1].item()}
+        return {f"{name}_row_norm": row_norm, f"{name}_std": std}
 
     # --- the loop ------------------------------------------------------------------------------------
     def train(self, console=print) -> dict:
@@ -198,18 +218,16 @@ class Trainer:
         from .metrics import MetricsWriter
         cfg = self.cfg
         step, tokens, skipped = 0, 0, 0
-        self.epochs = {}
         resume = None if cfg.checkpoint.resume == "none" else (
             checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
         if resume is not None:
             state = checkpoint.load(resume, self.core_model, self.optimizer)
             step, tokens, skipped = state["step"], state["tokens"], state["skipped_steps"]
-            self.epochs = state.get("epochs", {})
             self.train_loader.load_state_dict(state["train_loader"])
             console(f"resumed from {resume} at step {step}" + ("" if state.get("rng_restored") else
                                                               " (new world size: RNG states re-seeded)"))
         metrics = MetricsWriter(self.run_dir, self.is_logger, cfg.logging.tensorboard, console, resume_step=step)
-        batches = self._batches(self.train_loader, "train")
+        batches = self._batches(self.train_loader)
         fb = get_forward_backward_func()
         tokens_per_step = cfg.data.global_batch_size * self.model_cfg.seq_len
         crash_at = int(os.environ.get("KSCALE_FAULT_EXIT_AFTER_STEP", "-1"))
@@ -250,8 +268,8 @@ class Trainer:
                 record["mfu"] = 6 * self.n_params * record["tokens_per_s"] / (cfg.logging.peak_tflops * 1e12 * world)
             record["memory_gb"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                                    else psutil.Process().memory_info().rss) / 2**30
-            record.update(self.norm_stats())
             if step % cfg.logging.every == 0 or step == cfg.schedule.train_steps:
+                record.update(self.norm_stats())           # collective: every rank computes it, when logged
                 metrics.write(record)
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.schedule.train_steps):
                 val = self.evaluate()
@@ -266,7 +284,7 @@ class Trainer:
         return {"step": step, "tokens": tokens, "skipped_steps": skipped}
 
     def save(self, step: int, tokens: int, skipped: int) -> None:
-        state = {"step": step, "tokens": tokens, "skipped_steps": skipped, "epochs": self.epochs,
+        state = {"step": step, "tokens": tokens, "skipped_steps": skipped,
                  "train_loader": self.train_loader.state_dict(),
                  "world_size": torch.distributed.get_world_size()}
         checkpoint.save(self.ckpt_dir, step, self.core_model, self.optimizer, state, OmegaConf.to_yaml(self.cfg),
