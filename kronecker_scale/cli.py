@@ -153,7 +153,7 @@ def cmd_demo(args) -> int:
 
 # --- training -------------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from .train.launch_local import train
+    from .launch.local import train
     return train(args.config, args.overrides, args.nproc)
 
 

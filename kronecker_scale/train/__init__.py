@@ -1,2 +1,2 @@
-"""Training: the megatron-engine loop (trainer.py), checkpoints (checkpoint.py), metrics (metrics.py) and
-the local launcher behind `kscale train` (launch_local.py)."""
+"""Training: the megatron-engine loop (trainer.py), checkpoints (checkpoint.py), metrics (metrics.py),
+preemption handling (preemption.py) and run reports (report.py)."""

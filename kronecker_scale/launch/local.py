@@ -42,7 +42,7 @@ def run_rank(resolved_config: str | Path) -> int:
     import torch
 
     from ..config import TrainConfig, validate
-    from .trainer import Trainer, init_distributed
+    from ..train.trainer import Trainer, init_distributed
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(resolved_config))
     validate(cfg)
     init_distributed()
@@ -76,7 +76,7 @@ def train(config_path, overrides=(), nproc: int | None = None) -> int:
            "LOCAL_WORLD_SIZE": str(n), "OMP_NUM_THREADS": threads}
     # each rank leads its own process group, so stopping a rank also stops what it spawned (megatron's
     # checkpoint writer starts a multiprocessing Manager that would otherwise outlive a killed rank)
-    procs = [subprocess.Popen([sys.executable, "-m", "kronecker_scale.train.launch_local", str(resolved)],
+    procs = [subprocess.Popen([sys.executable, "-m", "kronecker_scale.launch.local", str(resolved)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
              for r in range(n)]
 

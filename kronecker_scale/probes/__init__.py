@@ -1,0 +1,1 @@
+"""The paper's probes: spelling robustness, embedding geometry, generation echo, norm drift."""
