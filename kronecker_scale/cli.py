@@ -157,6 +157,43 @@ def cmd_train(args) -> int:
     return train(args.config, args.overrides, args.nproc)
 
 
+def cmd_launch(args) -> int:
+    from .launch import slurm, sweep
+    con = _console()
+    if args.sweep or args.grid:
+        spec = sweep.read_sweep(args.sweep) if args.sweep else {"name": args.name or "sweep"}
+        if args.grid:
+            spec["grid"] = {**(spec.get("grid") or {}), **sweep.grid_from_args(args.grid)}
+        jobs = slurm.launch_sweep(args.config, args.overrides, spec, args.sweep_dir, args.dry_run, console=print)
+        if args.dry_run:
+            return 0
+        sweep_dir = Path(args.sweep_dir or Path("runs/sweeps") / spec["name"]).resolve()
+        if args.wait or not jobs:
+            failed = slurm.wait(jobs, console=print)
+            _print_summary(con, sweep_dir)
+            return 1 if failed else 0
+        con.print(f"when they finish: kscale sweep-summary {sweep_dir}")
+        return 0
+    cfg = slurm.resolve(args.config, args.overrides)
+    job = slurm.launch(cfg, args.dry_run, console=print)      # plain print: scripts must not be re-wrapped
+    if job is not None and args.wait:
+        return 1 if slurm.wait([job], console=print) else 0
+    return 0
+
+
+def _print_summary(con, sweep_dir) -> None:
+    from .launch import sweep
+    rows = sweep.summarize(sweep_dir)
+    con.print(_table(f"Sweep {Path(sweep_dir).name}", sweep.SUMMARY_COLUMNS,
+                     [[sweep.format_cell(r[c]) for c in sweep.SUMMARY_COLUMNS] for r in rows]))
+    con.print(f"wrote {Path(sweep_dir) / 'summary.md'} and summary.csv")
+
+
+def cmd_sweep_summary(args) -> int:
+    _print_summary(_console(), args.sweep_dir)
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .train.report import compare_runs
     res = compare_runs(args.runs, args.out)
@@ -288,6 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nproc", type=int, help="local processes (gloo on CPU, NCCL on GPU); = parallel.nproc")
     s.set_defaults(func=cmd_train)
 
+    s = sub.add_parser("launch", help="submit a training run (or a sweep as a job array) to Slurm via submitit")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", help="key=value, including launcher.* (cluster, nodes, gpus_per_node, ...)")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved config and the sbatch script only")
+    s.add_argument("--sweep", help="a sweep YAML (grid: and/or runs:) submitted as one job array")
+    s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a sweep axis from the command line (repeatable; combined as a grid)")
+    s.add_argument("--name", help="sweep name for --grid without --sweep (default: sweep)")
+    s.add_argument("--sweep-dir", help="default: runs/sweeps/<name>")
+    s.add_argument("--wait", action="store_true", help="wait for the jobs, then print the summary")
+    s.set_defaults(func=cmd_launch)
+
+    s = sub.add_parser("sweep-summary", help="final metrics of a sweep's runs: a table, summary.md and summary.csv")
+    s.add_argument("sweep_dir")
+    s.set_defaults(func=cmd_sweep_summary)
+
     s = sub.add_parser("compare", help="compare runs: validation loss table and plot")
     s.add_argument("runs", nargs="+", help="run directories (holding metrics.jsonl)")
     s.add_argument("--out", default="runs/compare")
@@ -355,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip kron_dense where its [N, D] fp32 codec alone would exceed this")
     s.add_argument("--out", default="runs/bench")
     s.set_defaults(func=cmd_bench)
+
+    from .convert.commands import add_convert_commands, add_probe_commands
+    s = sub.add_parser("convert", help="checkpoint conversion: to-hf, reshard, extract, summary")
+    convert = s.add_subparsers(dest="convert_command", required=True)   # more converters: convert.add_parser(...)
+    add_convert_commands(convert)
+    from .convert.engines import add_engine_commands
+    add_engine_commands(convert)
+    add_probe_commands(sub)
 
     s = sub.add_parser("demo", help="byte tables of real tokenizers + parameter tables (the README's main job)")
     s.add_argument("--out", default="runs/demo")

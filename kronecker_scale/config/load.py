@@ -55,6 +55,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise _explain(e, "command line" if overrides else where) from None
+    if cfg.launcher.cluster == "slurm":       # the world size is what Slurm starts: one rank per task
+        cfg.parallel.nproc = cfg.launcher.nodes * cfg.launcher.tasks_per_node
     validate(cfg)
     return cfg
 
@@ -66,6 +68,7 @@ def validate(cfg: DictConfig) -> None:
 
     from ..model.config import GPTConfig
     GPTConfig(**OmegaConf.to_container(cfg.model)).validate()
+    _validate_launcher(cfg, bad)                 # first: it decides the world size the rest is checked against
     p = cfg.parallel
     for key in ("tensor", "pipeline", "nproc"):
         if p[key] < 1:
@@ -99,6 +102,41 @@ def validate(cfg: DictConfig) -> None:
         bad("data.train", [], "give at least one prepared dataset: data.train=[{path: DIR}]")
     if cfg.tokenizer.byte_source not in ("exact", "decode"):
         bad("tokenizer.byte_source", cfg.tokenizer.byte_source, "use exact or decode")
+    if cfg.run.engine == "deepspeed":
+        _validate_deepspeed(cfg, bad)
+    _validate_launcher(cfg, bad)
+
+
+def _validate_launcher(cfg: DictConfig, bad) -> None:
+    la = cfg.launcher
+    if la.cluster not in ("local", "slurm", "debug"):
+        bad("launcher.cluster", la.cluster, "use slurm, local or debug")
+    for key in ("nodes", "tasks_per_node", "cpus_per_task", "mem_gb", "time_min"):
+        if la[key] < 1:
+            bad(f"launcher.{key}", la[key], "use a positive integer")
+    if la.gpus_per_node and la.tasks_per_node != la.gpus_per_node:
+        bad("launcher.tasks_per_node", la.tasks_per_node,
+            f"one task per GPU: set it to launcher.gpus_per_node={la.gpus_per_node}")
+    if la.cluster == "slurm" and cfg.parallel.nproc != la.nodes * la.tasks_per_node:
+        bad("parallel.nproc", cfg.parallel.nproc,
+            f"under Slurm the world size is launcher.nodes x launcher.tasks_per_node = {la.nodes * la.tasks_per_node}")
+
+
+def _validate_deepspeed(cfg: DictConfig, bad) -> None:
+    """The deepspeed engine is data parallel only (ZeRO shards over data-parallel ranks). Its passthrough
+    block is checked against DeepSpeed itself when the engine starts (train/deepspeed_adapter.py)."""
+    p, ds = cfg.parallel, cfg.deepspeed
+    for key in ("tensor", "pipeline"):
+        if p[key] != 1:
+            bad(f"parallel.{key}", p[key], "the deepspeed engine is data parallel only: set it to 1, or use "
+                                          "run.engine=megatron for tensor/pipeline parallelism")
+    if ds.zero_stage not in (1, 2, 3):
+        bad("deepspeed.zero_stage", ds.zero_stage, "use 1, 2 or 3")
+    if ds.offload_params and ds.zero_stage != 3:
+        bad("deepspeed.offload_params", True, "parameter offload needs deepspeed.zero_stage=3")
+    if p.distributed_optimizer:
+        bad("parallel.distributed_optimizer", True, "megatron's distributed optimizer is not used by the deepspeed "
+                                                    "engine (ZeRO shards the optimizer): set it to false")
 
 
 def to_yaml(cfg: DictConfig) -> str:

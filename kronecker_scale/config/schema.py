@@ -3,6 +3,7 @@ overridden from the command line, validated before any process starts, saved wit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..model.config import GPTConfig
 
@@ -93,17 +94,29 @@ class RunConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """The deepspeed engine (run.engine=deepspeed): data parallel only (parallel.tensor = pipeline = 1).
+    Its JSON is generated from this config; `passthrough` adds any other DeepSpeed key (a key that
+    contradicts a generated one is an error, not overridden)."""
+    zero_stage: int = 1                     # 1 | 2 | 3
+    offload_optimizer: bool = False         # optimizer states (and the step) on the CPU (DeepSpeedCPUAdam)
+    offload_params: bool = False            # parameters on the CPU (ZeRO-3 only)
+    passthrough: dict[str, Any] = field(default_factory=dict)   # merged into the generated DeepSpeed JSON
+
+
+@dataclass
 class LauncherConfig:
     cluster: str = "local"                  # local | slurm | debug
     nodes: int = 1
     gpus_per_node: int = 0
-    tasks_per_node: int = 1
+    tasks_per_node: int = 1                 # one per GPU: each task is one rank
     cpus_per_task: int = 2
-    mem_gb: int = 8
+    mem_gb: int = 8                         # per task
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     time_min: int = 60
+    signal_delay_s: int = 120               # preemption signal this long before the time limit (checkpoint time)
     constraint: str | None = None
     exclusive: bool = False
     sbatch_extra: list[str] = field(default_factory=list)
@@ -124,3 +137,4 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

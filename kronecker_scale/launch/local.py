@@ -19,6 +19,8 @@ from omegaconf import OmegaConf
 from ..config import load_config, to_yaml
 from ..errors import KScaleError
 
+PREEMPTED_EXIT = 3     # a rank's exit status after a checkpoint-and-stop on the preemption signal
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -28,30 +30,46 @@ def _free_port() -> int:
 
 def prepare_run(config_path, overrides, nproc: int | None = None):
     cfg = load_config(config_path, list(overrides) + ([f"parallel.nproc={nproc}"] if nproc else []))
+    return cfg, write_resolved(cfg)
+
+
+def write_resolved(cfg) -> Path:
+    """The resolved config in the run directory (what every rank, and a requeued job, reads)."""
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.yaml"
-    tmp = resolved.with_suffix(".yaml.tmp")
+    tmp = resolved.with_suffix(f".yaml.{os.getpid()}.tmp")          # srun starts every rank with the same path
     tmp.write_text(to_yaml(cfg))
     os.replace(tmp, resolved)
-    return cfg, resolved
+    return resolved
 
 
-def run_rank(resolved_config: str | Path) -> int:
-    """One rank: called in each process."""
+def run_rank(resolved_config: str | Path, overrides=()) -> int:
+    """One rank: called in each process. Returns 0, 2 (bad input) or PREEMPTED_EXIT (checkpoint saved on
+    the preemption signal; run again to resume)."""
     import torch
 
     from ..config import TrainConfig, validate
+    from ..train import preemption
     from ..train.trainer import Trainer, init_distributed
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(resolved_config))
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(resolved_config),
+                          OmegaConf.from_dotlist(list(overrides)))
     validate(cfg)
+    preemption.install_handler()
     init_distributed()
     rank = torch.distributed.get_rank()
     try:
-        Trainer(cfg).train(console=print if rank == 0 or _is_logger() else (lambda *a, **k: None))
+        engine = Trainer
+        if cfg.run.engine == "deepspeed":                   # DeepSpeed is imported only when used
+            from ..train.deepspeed_engine import DeepSpeedTrainer as engine
+        engine(cfg).train(console=print if rank == 0 or _is_logger() else (lambda *a, **k: None))
     except KScaleError as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 2
+    except preemption.Preempted as e:
+        if rank == 0:
+            print(f"{e}; the run resumes from it when started again", flush=True)
+        return PREEMPTED_EXIT
     finally:
         from megatron.core import parallel_state
         parallel_state.destroy_model_parallel()

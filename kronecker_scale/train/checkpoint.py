@@ -26,7 +26,7 @@ from ..errors import KScaleError
 LATEST = "latest"
 
 
-def _name(step: int) -> str:
+def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
@@ -73,15 +73,27 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, config_ya
          keep_last: int = 3) -> Path:
     """Collective: every rank calls it."""
     from megatron.core import dist_checkpointing
-    root = Path(root)
-    final = root / _name(step)
-    tmp = root / f".{_name(step)}.tmp"
+    tmp = begin(root, step)
+    model_sd = model.sharded_state_dict()
+    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}, str(tmp))
+    write_run_state(tmp, trainer_state, config_yaml, byte_table)
+    return commit(root, step, keep_last)
+
+
+# The steps of a save that do not depend on the engine (the deepspeed engine writes its own format
+# between begin and commit).
+def begin(root: Path, step: int) -> Path:
+    """Collective: a fresh temporary folder for the checkpoint of `step`."""
+    tmp = Path(root) / f".{step_dir_name(step)}.tmp"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd = model.sharded_state_dict()
-    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}, str(tmp))
+    return tmp
+
+
+def write_run_state(tmp: Path, trainer_state: dict, config_yaml: str, byte_table=None) -> None:
+    """Every rank's RNG states; rank 0: trainer state, config and byte table."""
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
     if _rank() == 0:
@@ -89,6 +101,13 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, config_ya
         (tmp / "config.yaml").write_text(config_yaml)
         if byte_table is not None:
             byte_table.save(tmp / "byte_table.safetensors")
+
+
+def commit(root: Path, step: int, keep_last: int = 3) -> Path:
+    """Collective: rename the complete temporary folder, then move `latest` to it; drop old checkpoints."""
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / f".{step_dir_name(step)}.tmp"
     _barrier()
     if os.environ.get("KSCALE_FAULT_CRASH_IN_CHECKPOINT") == str(step):   # fault injection for the tests
         os._exit(137)
@@ -117,6 +136,12 @@ def load(path: Path, model, optimizer) -> dict:
         model_sd, is_loading=True)}, str(path))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    return read_run_state(path)
+
+
+def read_run_state(path: Path) -> dict:
+    """The trainer state, with `rng_restored` set when this rank's RNG file exists and the world size is
+    unchanged (then the RNG states are restored)."""
     trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1

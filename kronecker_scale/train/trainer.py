@@ -10,25 +10,11 @@ import os
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import KScaleError
-from . import checkpoint
-
-
-def learning_rate(step: int, cfg: DictConfig) -> float:
-    """Linear warmup, then cosine / linear decay to min_lr, or constant; a pure function of the step."""
-    s, o = cfg.schedule, cfg.optim
-    if s.warmup_steps and step < s.warmup_steps:
-        return o.lr * (step + 1) / s.warmup_steps
-    if s.decay == "constant":
-        return o.lr
-    total = max((s.decay_steps or s.train_steps) - s.warmup_steps, 1)
-    progress = min(max(step - s.warmup_steps, 0) / total, 1.0)
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if s.decay == "cosine" else 1 - progress
-    return o.min_lr + (o.lr - o.min_lr) * shape
+from . import checkpoint, common, preemption
+from .common import learning_rate  # noqa: F401  (shared with the deepspeed engine; imported from here too)
 
 
 def init_distributed() -> None:
@@ -49,12 +35,6 @@ class Trainer:
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
 
-        from ..data import build_loader, check_manifest, read_manifest
-        from ..embedding import ByteTable
-        from ..model.config import GPTConfig
-        from ..tokenizer import load_tokenizer
-        from ..tokenizer.assets import tokenizer_path
-
         self.cfg, self.ps = cfg, ps
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -62,26 +42,13 @@ class Trainer:
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline)
         torch.manual_seed(cfg.run.seed)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
-        self.model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))
-        tok = load_tokenizer(tokenizer_path(cfg.tokenizer.path))
-        self.byte_table = None
-        if self.model_cfg.input_layer == "kronecker":
-            self.byte_table = ByteTable.from_tokenizer(tok.path, self.model_cfg.pos_dim, cfg.tokenizer.byte_source)
-        for src in cfg.data.train:
-            check_manifest(read_manifest(src.path), tokenizer_fingerprint=tok.fingerprint, vocab_size=tok.vocab_size,
-                           seq_len=self.model_cfg.seq_len, where=f"data.train: {src.path}")
+        self.model_cfg, tok, self.byte_table = common.model_inputs(cfg)
+        common.check_train_data(cfg, tok, self.model_cfg)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * self.dp_size)
         self._build_model(tok.vocab_size)
-        common = dict(micro_batch_size=cfg.data.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
-                      seed=cfg.data.seed, cache_dir=cfg.data.cache_dir, num_workers=cfg.data.num_workers,
-                      tokenizer_fingerprint=tok.fingerprint, seq_len=self.model_cfg.seq_len)
-        from ..data import DataSource
-        self.train_loader = build_loader([DataSource(s.path, s.proportion) for s in cfg.data.train], "train", **common)
-        val_src = cfg.data.val or cfg.data.train[0].path
-        self.val_loader, self.val_batches = None, None
-        if read_manifest(val_src)["splits"].get("val", {}).get("samples", 0) >= cfg.data.micro_batch_size:
-            self.val_loader = build_loader([val_src], "val", **{**common, "seed": 0})
+        self.train_loader, self.val_loader = common.build_loaders(cfg, tok, self.model_cfg, self.dp_rank, self.dp_size)
+        self.val_batches = None
         self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
                           and self.dp_rank == 0)
 
@@ -141,11 +108,6 @@ class Trainer:
             return total, n.to(torch.int), {"lm loss": torch.stack([total.detach(), n.float()])}
         return output, loss_func
 
-    @staticmethod
-    def _batches(loader):
-        while True:                                      # epochs: streaming tracks them in its own state
-            yield from loader
-
     def _reduce_loss(self, stats) -> tuple[float, int]:
         """Mean loss over the global batch (summed over micro-batches and data-parallel ranks)."""
         total = torch.zeros(2)
@@ -162,9 +124,7 @@ class Trainer:
         if self.val_loader is None:
             return None
         if self.val_batches is None:
-            # the same held-out batches at every evaluation (each new streaming iteration is a new
-            # shuffled epoch), read once
-            self.val_batches = [b for _, b in zip(range(self.cfg.eval.batches), self.val_loader)]
+            self.val_batches = common.fixed_batches(self.val_loader, self.cfg.eval.batches)
         batches = self.val_batches
         self.model.eval()
         with torch.no_grad():
@@ -205,11 +165,7 @@ class Trainer:
                     stats[:2] = rows
         if ps.get_pipeline_model_parallel_world_size() > 1:
             torch.distributed.all_reduce(stats, group=ps.get_pipeline_model_parallel_group())
-        row_norm = (stats[0] / stats[1].clamp_min(1)).item()
-        n = stats[4].clamp_min(2)
-        std = ((stats[3] - stats[2] ** 2 / n) / (n - 1)).clamp_min(0).sqrt().item()
-        name = "projection" if self.model_cfg.input_layer == "kronecker" else "table"
-        return {f"{name}_row_norm": row_norm, f"{name}_std": std}
+        return common.norm_record(stats, self.model_cfg.input_layer)
 
     # --- the loop ------------------------------------------------------------------------------------
     def train(self, console=print) -> dict:
@@ -218,8 +174,7 @@ class Trainer:
         from .metrics import MetricsWriter
         cfg = self.cfg
         step, tokens, skipped = 0, 0, 0
-        resume = None if cfg.checkpoint.resume == "none" else (
-            checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
+        resume = common.resume_path(cfg, self.ckpt_dir)
         if resume is not None:
             state = checkpoint.load(resume, self.core_model, self.optimizer)
             step, tokens, skipped = state["step"], state["tokens"], state["skipped_steps"]
@@ -227,11 +182,11 @@ class Trainer:
             console(f"resumed from {resume} at step {step}" + ("" if state.get("rng_restored") else
                                                               " (new world size: RNG states re-seeded)"))
         metrics = MetricsWriter(self.run_dir, self.is_logger, cfg.logging.tensorboard, console, resume_step=step)
-        batches = self._batches(self.train_loader)
+        batches = common.endless(self.train_loader)
         fb = get_forward_backward_func()
         tokens_per_step = cfg.data.global_batch_size * self.model_cfg.seq_len
-        crash_at = int(os.environ.get("KSCALE_FAULT_EXIT_AFTER_STEP", "-1"))
-        self.nan_step = int(os.environ["KSCALE_FAULT_NAN_AT_STEP"]) if "KSCALE_FAULT_NAN_AT_STEP" in os.environ else None
+        faults = common.Faults()
+        crash_at, self.nan_step = faults.crash_at, faults.nan_step
         while step < cfg.schedule.train_steps:
             self.step_in_progress = step + 1
             t0 = time.perf_counter()
@@ -244,30 +199,17 @@ class Trainer:
                        num_microbatches=self.num_micro, seq_length=self.model_cfg.seq_len,
                        micro_batch_size=cfg.data.micro_batch_size, forward_only=False)
             loss, _ = self._reduce_loss(stats)
-            finite = torch.tensor([1.0 if (not stats or math.isfinite(loss)) else 0.0],
-                                  device="cuda" if torch.cuda.is_available() else "cpu")
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)   # every rank decides alike
-            if finite.item() == 0:
-                if cfg.run.on_nan == "stop":
-                    raise KScaleError(f"loss is not finite at step {step + 1}", where=f"{cfg.run.dir}",
-                                      fix="lower optim.lr, check the data, or set run.on_nan=skip")
-                skipped += 1
-                if skipped > cfg.run.max_skipped_steps:
-                    raise KScaleError(f"{skipped} steps with a non-finite loss", fix="lower optim.lr")
+            if not common.all_finite(loss, have_loss=bool(stats)):          # every rank decides alike
+                skipped = common.skip_nonfinite_step(cfg, step + 1, skipped)
                 grad_norm = float("nan")
             else:
                 _, grad_norm, _ = self.optimizer.step()
             step += 1
             tokens += tokens_per_step
             dt = time.perf_counter() - t0
-            record = {"step": step, "loss": loss, "ppl": math.exp(min(loss, 50)), "lr": lr,
-                      "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "tokens": tokens,
-                      "step_time": dt, "tokens_per_s": tokens_per_step / dt, "skipped_steps": skipped}
-            if cfg.logging.peak_tflops:
-                world = torch.distributed.get_world_size()
-                record["mfu"] = 6 * self.n_params * record["tokens_per_s"] / (cfg.logging.peak_tflops * 1e12 * world)
-            record["memory_gb"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-                                   else psutil.Process().memory_info().rss) / 2**30
+            record = common.step_record(cfg, step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
+                                        tokens_per_step=tokens_per_step, step_time=dt, skipped=skipped,
+                                        n_params=self.n_params)
             if step % cfg.logging.every == 0 or step == cfg.schedule.train_steps:
                 record.update(self.norm_stats())           # collective: every rank computes it, when logged
                 metrics.write(record)
@@ -280,8 +222,18 @@ class Trainer:
                 self.save(step, tokens, skipped)
             if step == crash_at:                           # fault injection for the resume tests
                 os._exit(137)
+            time.sleep(faults.step_sleep_s)
+            signame = preemption.requested()               # collective: every rank stops at the same step
+            if signame and step < cfg.schedule.train_steps:
+                if not self._saved_at(step):
+                    self.save(step, tokens, skipped)
+                metrics.close()
+                raise preemption.Preempted(step, signame)
         metrics.close()
         return {"step": step, "tokens": tokens, "skipped_steps": skipped}
+
+    def _saved_at(self, step: int) -> bool:
+        return common.saved_at(self.ckpt_dir, step)
 
     def save(self, step: int, tokens: int, skipped: int) -> None:
         state = {"step": step, "tokens": tokens, "skipped_steps": skipped,
