@@ -182,11 +182,30 @@ def cmd_launch(args) -> int:
 
 
 def _print_summary(con, sweep_dir) -> None:
-    from .launch import sweep
+    from .launch import sweep, vocab_scaling
     rows = sweep.summarize(sweep_dir)
     con.print(_table(f"Sweep {Path(sweep_dir).name}", sweep.SUMMARY_COLUMNS,
                      [[sweep.format_cell(r[c]) for c in sweep.SUMMARY_COLUMNS] for r in rows]))
     con.print(f"wrote {Path(sweep_dir) / 'summary.md'} and summary.csv")
+    if json.loads((Path(sweep_dir) / "sweep.json").read_text()).get("kind") == "vocab-scaling":
+        rows = vocab_scaling.report(sweep_dir)
+        con.print(_table("Vocabulary scaling", vocab_scaling.COLUMNS,
+                         [[sweep.format_cell(r[c]) for c in vocab_scaling.COLUMNS] for r in rows]))
+        con.print(f"wrote {Path(sweep_dir) / 'vocab_scaling.md'}, .csv and .png")
+
+
+def cmd_vocab_sweep(args) -> int:
+    from .launch import vocab_scaling
+    con = _console()
+    root, failed = vocab_scaling.run(args.spec, args.overrides, args.sweep_dir, args.dry_run,
+                                     wait=not args.no_wait, console=print)
+    if args.dry_run:
+        return 0
+    if args.no_wait:
+        con.print(f"when the jobs finish: kscale sweep-summary {root}")
+        return 0
+    _print_summary(con, root)
+    return 1 if failed else 0
 
 
 def cmd_sweep_summary(args) -> int:
@@ -336,6 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sweep-dir", help="default: runs/sweeps/<name>")
     s.add_argument("--wait", action="store_true", help="wait for the jobs, then print the summary")
     s.set_defaults(func=cmd_launch)
+
+    s = sub.add_parser("vocab-sweep", help="vocabulary scaling: tokenizers + data per V, every arm on one token "
+                                          "budget (local or a Slurm array), loss/tokens/s/memory/params vs V")
+    s.add_argument("spec", help="a vocabulary-scaling spec (configs/sweeps/vocab-scaling.yaml)")
+    s.add_argument("overrides", nargs="*", help="key=value for every run (launcher.* too)")
+    s.add_argument("--sweep-dir", help="default: runs/sweeps/<name>")
+    s.add_argument("--dry-run", action="store_true", help="build tokenizers and data, print the runs, submit nothing")
+    s.add_argument("--no-wait", action="store_true", help="submit and return (Slurm)")
+    s.set_defaults(func=cmd_vocab_sweep)
 
     s = sub.add_parser("sweep-summary", help="final metrics of a sweep's runs: a table, summary.md and summary.csv")
     s.add_argument("sweep_dir")

@@ -193,7 +193,7 @@ def launch_sweep(config_path, overrides, spec: dict, sweep_dir: str | Path | Non
         return []
     sweep_dir.mkdir(parents=True, exist_ok=True)
     resolved = [write_resolved(c).resolve() for c in cfgs]
-    meta = {"name": spec["name"], "config": str(Path(config_path).resolve()), "overrides": list(overrides),
+    meta = {"name": spec["name"], "kind": spec.get("kind", "sweep"), "config": str(Path(config_path).resolve()), "overrides": list(overrides),
             "cluster": la.cluster, "elements": entries}
     _write_atomic(sweep_dir / "sweep.json", json.dumps(meta, indent=2))
     jobs = []

@@ -66,6 +66,11 @@ def expand(spec: dict) -> list[dict[str, object]]:
     if not all(isinstance(r, dict) for r in runs):
         raise KScaleError("each entry of `runs:` must be a mapping of key: value", where="sweep runs")
     elements = [{**r, **p} for r in runs for p in points]
+    for e in elements:
+        bad = [k for k in e if "." not in k and k != "name"]
+        if bad:
+            raise KScaleError(f"sweep keys {bad} are not config keys", where="sweep",
+                              fix="write full dotted keys (model.d_model); `name` labels an element")
     launcher_keys = sorted({k for e in elements for k in e if k.startswith("launcher.")})
     if launcher_keys:
         raise KScaleError(f"sweep elements set {launcher_keys}", where="sweep",
@@ -74,8 +79,12 @@ def expand(spec: dict) -> list[dict[str, object]]:
 
 
 def slug(overrides: dict) -> str:
+    if "name" in overrides:
+        return re.sub(r"[^A-Za-z0-9=._-]+", "_", str(overrides["name"]))[:80]
     parts = []
     for key, value in overrides.items():
+        if isinstance(value, (list, dict)):
+            continue
         v = Path(str(value)).stem if "/" in str(value) else str(value)
         parts.append(f"{key.split('.')[-1]}={v}")
     s = re.sub(r"[^A-Za-z0-9=._-]+", "_", ",".join(parts))[:80]
@@ -83,7 +92,8 @@ def slug(overrides: dict) -> str:
 
 
 def dotlist(overrides: dict) -> list[str]:
-    return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()]
+    return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()
+            if k != "name"]
 
 
 # --- summary --------------------------------------------------------------------------------------
