@@ -1,0 +1,125 @@
+"""Spelling robustness (paper §6.11): clean/typo prompt pairs, compared at the last position.
+
+Per pair and model: top-1 preservation (argmax equal), KL(clean || typo) over the whole vocabulary in
+nats, cosine of the last hidden states (after the final norm), and the log-prob drop of the clean
+top-1 token, log p(top1 | clean) - log p(top1 | typo). Summaries per category and overall; every model
+reads the prompts with its own tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..errors import KScaleError
+from .report import labels_for, markdown_table, write_outputs
+
+REQUIRED = ("category", "clean", "typo")
+
+
+def default_pairs() -> Path:
+    return Path(str(resources.files("kronecker_scale.probes") / "data" / "typo_pairs.jsonl"))
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise KScaleError("pairs file not found", where=str(path), fix=f"see {default_pairs()} for the format")
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KScaleError(f"malformed JSON ({e.msg})", where=f"{path}:{n}") from None
+        missing = [k for k in REQUIRED if not isinstance(rec, dict) or not isinstance(rec.get(k), str)
+                   or not rec.get(k)]
+        if missing:
+            raise KScaleError(f"pair has no string field {missing[0]!r}", where=f"{path}:{n}",
+                              fix='each line is {"category": ..., "clean": ..., "typo": ...}')
+        pairs.append(rec)
+    if not pairs:
+        raise KScaleError("pairs file is empty", where=str(path))
+    return pairs
+
+
+@torch.no_grad()
+def score_pair(ck, clean: str, typo: str) -> dict:
+    a, b = ck.tokenizer.encode(clean), ck.tokenizer.encode(typo)
+    la, ha = ck.forward(torch.tensor(a[-ck.model_cfg.seq_len:]))
+    lb, hb = ck.forward(torch.tensor(b[-ck.model_cfg.seq_len:]))
+    p, q = torch.log_softmax(la[0, -1].double(), -1), torch.log_softmax(lb[0, -1].double(), -1)
+    top = int(p.argmax())
+    return {"top1_clean": top, "top1_typo": int(q.argmax()), "preserved": top == int(q.argmax()),
+            "kl": max(float((p.exp() * (p - q)).sum()), 0.0),
+            "cosine": float(torch.cosine_similarity(ha[0, -1].double(), hb[0, -1].double(), dim=0)),
+            "logprob_drop": float(p[top] - q[top]), "tokens_clean": len(a), "tokens_typo": len(b),
+            "top1_clean_text": ck.tokenizer.decode([top])}
+
+
+def summarise(records: list[dict]) -> dict:
+    kls = [r["kl"] for r in records]
+    return {"pairs": len(records), "top1_rate": sum(r["preserved"] for r in records) / len(records),
+            "top1_matches": sum(r["preserved"] for r in records),
+            "mean_kl": statistics.fmean(kls), "median_kl": statistics.median(kls),
+            "cosine": statistics.fmean(r["cosine"] for r in records),
+            "logprob_drop": statistics.fmean(r["logprob_drop"] for r in records),
+            "token_inflation": sum(r["tokens_typo"] for r in records) / sum(r["tokens_clean"] for r in records)}
+
+
+def run_typos(pairs: list[dict], checkpoints: list) -> dict:
+    """checkpoints: LoadedCheckpoint objects. Returns {models, categories, results{label: {...}}}."""
+    labels = labels_for(checkpoints)
+    categories = list(dict.fromkeys(p["category"] for p in pairs))
+    results = {}
+    for label, ck in zip(labels, checkpoints):
+        records = [{**pair, **score_pair(ck, pair["clean"], pair["typo"])} for pair in pairs]
+        results[label] = {"checkpoint": str(ck.path), "overall": summarise(records),
+                          "by_category": {c: summarise([r for r in records if r["category"] == c])
+                                          for c in categories},
+                          "pairs": records}
+    return {"models": labels, "categories": categories, "results": results}
+
+
+def markdown(res: dict) -> str:
+    models = res["models"]
+    overall = [[m, f"{o['top1_rate']:.4f}", f"{o['mean_kl']:.4f}", f"{o['median_kl']:.4f}", f"{o['cosine']:.4f}",
+                f"{o['logprob_drop']:.4f}", f"{o['token_inflation']:.3f}"]
+               for m in models for o in [res["results"][m]["overall"]]]
+    cols = ["model", "top-1 preserved", "mean KL", "median KL", "cosine", "log-prob drop", "token inflation"]
+    cat_rows = [[c, *[f"{res['results'][m]['by_category'][c]['top1_matches']}/"
+                      f"{res['results'][m]['by_category'][c]['pairs']} ({res['results'][m]['by_category'][c]['mean_kl']:.3f})"
+                      for m in models]] for c in res["categories"]]
+    return ("# Spelling robustness (typo probe)\n\n" + markdown_table(cols, overall)
+            + "\n## Per category: top-1 preserved (mean KL)\n\n" + markdown_table(["category", *models], cat_rows))
+
+
+def plot(res: dict):
+    def draw(plt):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        cats, models = res["categories"], res["models"]
+        width = 0.8 / max(len(models), 1)
+        for i, m in enumerate(models):
+            xs = [j + i * width for j in range(len(cats))]
+            axes[0].bar(xs, [res["results"][m]["by_category"][c]["top1_rate"] for c in cats], width, label=m)
+            axes[1].bar(xs, [res["results"][m]["by_category"][c]["mean_kl"] for c in cats], width, label=m)
+        for ax, title in zip(axes, ["top-1 preserved", "mean KL(clean || typo), nats"]):
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], cats, rotation=45, ha="right")
+            ax.set_title(title)
+            ax.legend()
+        return fig
+    return draw
+
+
+def typos_probe(pairs_path, checkpoint_paths, out_dir) -> dict:
+    from ..convert.load import load_checkpoint
+    pairs = read_pairs(pairs_path)
+    checkpoints = [load_checkpoint(p) for p in checkpoint_paths]
+    res = run_typos(pairs, checkpoints)
+    res["pairs_file"] = str(pairs_path)
+    res["paths"] = {k: str(v) for k, v in write_outputs(out_dir, "typos", res, markdown(res), plot(res)).items()}
+    return res
