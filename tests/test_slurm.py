@@ -201,3 +201,13 @@ def test_sbatch_template_trains_like_launch(slurm, tmp_path, reference):
     wait_for(lambda: job_gone(job_id), 300, "the template job")
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert losses(run) == ref, log[-3000:]
+
+
+def test_debug_cluster_runs_in_process_like_train(tmp_path, data):  # noqa: F811
+    cfg = config(tmp_path, data, schedule={"train_steps": 4, "warmup_steps": 1}, checkpoint={"every": 0})
+    r = kscale("launch", cfg, "launcher.cluster=debug", f"run.dir={tmp_path / 'debug'}", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = kscale("train", cfg, f"run.dir={tmp_path / 'local'}", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path / "debug") == losses(tmp_path / "local") and len(losses(tmp_path / "local")) == 4
+    assert json.loads((tmp_path / "debug" / "slurm" / "job.json").read_text())["cluster"] == "debug"

@@ -163,6 +163,8 @@ def launch(cfg: DictConfig, dry_run: bool = False, console=print):
         info["sbatch"] = str(job.paths.submission_file)
     _record(folder, info)
     console(f"submitted job {job.job_id} ({la.cluster}): run directory {info['run_dir']}, logs {info['logs']}")
+    if la.cluster == "debug":                          # the debug executor runs the job in this process, now
+        job.results()
     return job
 
 
