@@ -1,7 +1,7 @@
 """The vocabulary-scaling sweep end to end at toy size: nested cuts of cl100k and BPEs trained on the
 corpus, data prepared per vocabulary, both arms trained on one token budget, the report against V."""
 import json
-import sys
+import math
 from pathlib import Path
 
 import pytest
@@ -55,4 +55,13 @@ def test_vocab_sweep_end_to_end(tmp_path):
         k, b = sizes[(f"nested-cl100k-{V}", "kronecker/untied")], sizes[(f"nested-cl100k-{V}", "bpe/untied")]
         assert b["params"] - k["params"] == V * d - 256 * P * d
     assert (out / "vocab_scaling.png").stat().st_size > 10000
+    # bits per byte = val loss x tokens / (bytes x ln 2), tokens and bytes of the held-out text
+    from kronecker_scale.tokenizer import load_tokenizer
+    val_text = LICENSE.read_text()[:20000]
+    for r in rows:
+        e = next(e for e in meta["elements"] if Path(e["run_dir"]).name.endswith(
+            f"{r['vocabulary']}-{'kron' if 'kron' in r['arm'] else 'bpe'}"))
+        tok = load_tokenizer(yaml.safe_load((Path(e["run_dir"]) / "config.yaml").read_text())["tokenizer"]["path"])
+        n_tokens = len(tok.encode(val_text)) + 1
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] * n_tokens / (len(val_text.encode()) * math.log(2)))
     assert "| nested-cl100k-512 | 512 |" in (out / "vocab_scaling.md").read_text()

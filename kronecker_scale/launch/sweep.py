@@ -157,10 +157,14 @@ def summarize(sweep_dir: str | Path) -> list[dict]:
         w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(format_cell(r[c]) for c in SUMMARY_COLUMNS) + " |" for r in rows]
-    (sweep_dir / "summary.md").write_text(f"# Sweep {meta['name']}\n\n" + "\n".join(lines) + "\n")
+    (sweep_dir / "summary.md").write_text(f"# Sweep {meta['name']}\n\n" + markdown_table(SUMMARY_COLUMNS, rows))
     return rows
+
+
+def markdown_table(columns: list[str], rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def format_cell(v) -> str:

@@ -93,7 +93,21 @@ def prepare(spec: dict, tokenizer: Path, name: str, seq_len: int, root: Path, co
     console(f"data {out.name}: tokenizing {spec['corpus']['train']}")
     val = [spec["corpus"]["val"]] if "val" in spec["corpus"] else None
     prepare_data(tokenizer, [spec["corpus"]["train"]], out, seq_len, val_inputs=val, eod_id=eod)
+    if val:
+        (out / "val_text_stats.json").write_text(json.dumps(val_text_stats(tok, val)))
     return out
+
+
+def val_text_stats(tok, inputs) -> dict:
+    """Tokens and UTF-8 bytes of the held-out text: what turns a loss per token (not comparable across
+    vocabularies) into bits per byte (comparable)."""
+    from ..data.prepare import list_inputs, read_documents
+    tokens = n_bytes = 0
+    for path in list_inputs(inputs):
+        for doc in read_documents(path):
+            tokens += len(tok.encode(doc)) + 1                # + the end-of-document token
+            n_bytes += len(doc.encode("utf-8"))
+    return {"tokens": tokens, "bytes": n_bytes}
 
 
 def plan(spec: dict, root: Path, overrides=(), console=print) -> list[dict]:
@@ -125,7 +139,7 @@ def run(spec_path, overrides=(), sweep_dir=None, dry_run: bool = False, wait: bo
 
 
 # --- report ---------------------------------------------------------------------------------------
-COLUMNS = ["vocabulary", "V", "arm", "status", "loss", "val_loss", "tokens_per_s", "memory_gb", "params"]
+COLUMNS = ["vocabulary", "V", "arm", "status", "loss", "val_loss", "val_bpb", "tokens_per_s", "memory_gb", "params"]
 
 
 def _vocab_of(run_dir: Path) -> tuple[str, int]:
@@ -150,17 +164,21 @@ def report(sweep_dir: str | Path) -> list[dict]:
         cfg = OmegaConf.load(run_dir / "config.yaml")
         name, V = _vocab_of(run_dir)
         arm = f"{cfg.model.input_layer}/{cfg.model.head}"
-        rows.append({"vocabulary": name, "V": V, "arm": arm, **{k: summary[k] for k in COLUMNS[3:]}})
+        stats_path = Path(cfg.data.val or "") / "val_text_stats.json"
+        bpb = math.nan
+        if cfg.data.val and stats_path.is_file() and not math.isnan(summary["val_loss"]):
+            st = json.loads(stats_path.read_text())
+            bpb = summary["val_loss"] * st["tokens"] / (st["bytes"] * math.log(2))
+        rows.append({"vocabulary": name, "V": V, "arm": arm, "val_bpb": bpb,
+                     **{k: summary[k] for k in COLUMNS[3:] if k != "val_bpb"}})
     rows.sort(key=lambda r: (r["arm"], r["vocabulary"].split("-")[0], r["V"]))
     (sweep_dir / "vocab_scaling.json").write_text(json.dumps(rows, indent=2))
     with open(sweep_dir / "vocab_scaling.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(sweep.format_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    panels = [("val_loss", "final validation loss (nats)"), ("tokens_per_s", "training tokens/s"),
+    panels = [("val_bpb", "validation bits per byte"), ("tokens_per_s", "training tokens/s"),
               ("params", "parameters"), ("memory_gb", "peak memory (GB)")]
     for ax, (key, label) in zip(axes.flat, panels):
         for (arm, family) in sorted({(r["arm"], r["vocabulary"].split("-")[0]) for r in rows}):
@@ -178,5 +196,6 @@ def report(sweep_dir: str | Path) -> list[dict]:
     fig.savefig(sweep_dir / "vocab_scaling.png", dpi=120)
     plt.close(fig)
     (sweep_dir / "vocab_scaling.md").write_text(
-        f"# Vocabulary scaling: {meta['name']}\n\n" + "\n".join(lines) + "\n\n![vocab scaling](vocab_scaling.png)\n")
+        f"# Vocabulary scaling: {meta['name']}\n\n" + sweep.markdown_table(COLUMNS, rows)
+        + "\n![vocab scaling](vocab_scaling.png)\n")
     return rows
