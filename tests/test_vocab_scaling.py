@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_train import LICENSE, kscale, losses
+from test_train import LICENSE, REPO, kscale, losses
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +65,15 @@ def test_vocab_sweep_end_to_end(tmp_path):
         n_tokens = len(tok.encode(val_text)) + 1
         assert r["val_bpb"] == pytest.approx(r["val_loss"] * n_tokens / (len(val_text.encode()) * math.log(2)))
     assert "| nested-cl100k-512 | 512 |" in (out / "vocab_scaling.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["vocab-scaling.yaml", "vocab-scaling-cpu.yaml"])
+def test_shipped_sweep_specs_are_valid(name):
+    from kronecker_scale.config import load_config
+    from kronecker_scale.launch import vocab_scaling
+    spec = vocab_scaling.read_spec(REPO / "configs" / "sweeps" / name)
+    cfg = load_config(spec["train_config"], spec.get("overrides", []))
+    sizes = [size for _, _, size in vocab_scaling._vocabularies(spec)]
+    assert min(sizes) >= 8192 and cfg.model.seq_len > 0 and spec["budget_tokens"] >= cfg.data.global_batch_size
+    if name == "vocab-scaling.yaml":                            # the range: 8K to 262K
+        assert min(sizes) == 8192 and max(sizes) == 262144
