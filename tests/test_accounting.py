@@ -1,6 +1,5 @@
 """Parameter accounting against the paper and against real torch modules counted by numel()."""
 import pytest
-import torch
 from torch import nn
 
 from kronecker_scale.embedding import ByteTable, KroneckerEmbedding

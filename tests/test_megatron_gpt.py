@@ -3,7 +3,6 @@
 Every layout starts from the TP=1/PP=1 reference's weights (tests/megatron_harness.py) and must give
 the same loss, logits and (gathered) gradients.
 """
-import os
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ settings need no Slurm.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -211,3 +210,25 @@ def test_debug_cluster_runs_in_process_like_train(tmp_path, data):  # noqa: F811
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(tmp_path / "debug") == losses(tmp_path / "local") and len(losses(tmp_path / "local")) == 4
     assert json.loads((tmp_path / "debug" / "slurm" / "job.json").read_text())["cluster"] == "debug"
+
+
+def test_deepspeed_engine_on_slurm_survives_preemption(slurm, tmp_path, data):  # noqa: F811
+    """run.engine=deepspeed (ZeRO-2) through `launch`: preempted once, it ends with the local run's losses."""
+    from test_deepspeed import ENV as DS_ENV
+    cfg = config(tmp_path, data, schedule={"train_steps": 16, "warmup_steps": 2}, checkpoint={"every": 100},
+                 eval={"every": 8, "batches": 1})
+    engine = ["run.engine=deepspeed", "deepspeed.zero_stage=2"]
+    r = kscale("train", cfg, "parallel.nproc=2", *engine, f"run.dir={tmp_path / 'local'}",
+               env={**DS_ENV, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "slurm-run"
+    r = kscale("launch", cfg, *SLURM_TASK, "launcher.tasks_per_node=2", *engine, f"run.dir={run}",
+               env={**job_env(), **DS_ENV, "KSCALE_FAULT_STEP_SLEEP_S": "0.5"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_id = json.loads((run / "slurm" / "job.json").read_text())["job_id"]
+    wait_for(lambda: steps_logged(run) >= 4, 300, "step 4")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    wait_for(lambda: job_gone(job_id), 400, "the job to finish")
+    log = (run / "slurm" / job_id / f"{job_id}_0_log.out").read_text()
+    assert "preempted by SIGUSR2" in log and "resumed from" in log, log[-3000:]
+    assert losses(run) == losses(tmp_path / "local")

@@ -82,7 +82,7 @@ def build_tokenizer(spec: dict, family: str, name: str, size: int, root: Path, c
 
 
 def prepare(spec: dict, tokenizer: Path, name: str, seq_len: int, root: Path, console=print) -> Path:
-    from ..data import prepare_data, read_manifest
+    from ..data import prepare_data
     from ..tokenizer import load_tokenizer
     out = root / "data" / f"{name}-{seq_len}"
     if (out / "manifest.json").is_file():

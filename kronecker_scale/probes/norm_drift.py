@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from ..errors import KScaleError
 from .report import markdown_table, write_outputs

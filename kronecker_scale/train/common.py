@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import psutil
@@ -14,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import KScaleError
-from . import checkpoint
+from . import checkpoint, preemption
 
 
 def learning_rate(step: int, cfg: DictConfig) -> float:
@@ -152,3 +153,17 @@ def norm_record(stats: torch.Tensor, input_layer: str) -> dict:
     std = ((stats[3] - stats[2] ** 2 / n) / (n - 1)).clamp_min(0).sqrt().item()
     name = "projection" if input_layer == "kronecker" else "table"
     return {f"{name}_row_norm": row_norm, f"{name}_std": std}
+
+
+def end_of_step(step: int, cfg: DictConfig, faults: Faults, ckpt_dir: Path, save, metrics) -> None:
+    """After a step's metrics and checkpoint: the fault hooks, then the preemption check (a collective:
+    every rank stops at the same step, after `save()` unless this step was just saved)."""
+    if step == faults.crash_at:                        # fault injection for the resume tests
+        os._exit(137)
+    time.sleep(faults.step_sleep_s)
+    signame = preemption.requested()
+    if signame and step < cfg.schedule.train_steps:
+        if not saved_at(ckpt_dir, step):
+            save()
+        metrics.close()
+        raise preemption.Preempted(step, signame)

@@ -10,7 +10,6 @@ before `latest` moves (checkpoint.begin / commit, as for the megatron engine).
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import KScaleError
-from . import checkpoint, common, preemption
+from . import checkpoint, common
 
 
 def param_groups(model: torch.nn.Module, cfg: DictConfig, model_cfg) -> list[dict]:
@@ -183,14 +182,7 @@ class DeepSpeedTrainer:
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
                     step == cfg.schedule.train_steps and cfg.checkpoint.save_at_end):
                 self.save(step, tokens, skipped)
-            if step == faults.crash_at:                    # fault injection for the resume tests
-                os._exit(137)
-            signame = preemption.requested()               # collective: every rank stops at the same step
-            if signame and step < cfg.schedule.train_steps:
-                if not common.saved_at(self.ckpt_dir, step):
-                    self.save(step, tokens, skipped)
-                metrics.close()
-                raise preemption.Preempted(step, signame)
+            common.end_of_step(step, cfg, faults, self.ckpt_dir, lambda: self.save(step, tokens, skipped), metrics)
         metrics.close()
         return {"step": step, "tokens": tokens, "skipped_steps": skipped}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, common, preemption
+from . import checkpoint, common
 from .common import learning_rate  # noqa: F401  (shared with the deepspeed engine; imported from here too)
 
 
@@ -186,7 +186,7 @@ class Trainer:
         fb = get_forward_backward_func()
         tokens_per_step = cfg.data.global_batch_size * self.model_cfg.seq_len
         faults = common.Faults()
-        crash_at, self.nan_step = faults.crash_at, faults.nan_step
+        self.nan_step = faults.nan_step
         while step < cfg.schedule.train_steps:
             self.step_in_progress = step + 1
             t0 = time.perf_counter()
@@ -220,20 +220,9 @@ class Trainer:
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
                     step == cfg.schedule.train_steps and cfg.checkpoint.save_at_end):
                 self.save(step, tokens, skipped)
-            if step == crash_at:                           # fault injection for the resume tests
-                os._exit(137)
-            time.sleep(faults.step_sleep_s)
-            signame = preemption.requested()               # collective: every rank stops at the same step
-            if signame and step < cfg.schedule.train_steps:
-                if not self._saved_at(step):
-                    self.save(step, tokens, skipped)
-                metrics.close()
-                raise preemption.Preempted(step, signame)
+            common.end_of_step(step, cfg, faults, self.ckpt_dir, lambda: self.save(step, tokens, skipped), metrics)
         metrics.close()
         return {"step": step, "tokens": tokens, "skipped_steps": skipped}
-
-    def _saved_at(self, step: int) -> bool:
-        return common.saved_at(self.ckpt_dir, step)
 
     def save(self, step: int, tokens: int, skipped: int) -> None:
         state = {"step": step, "tokens": tokens, "skipped_steps": skipped,
