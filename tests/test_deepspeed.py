@@ -122,7 +122,10 @@ def test_bad_passthrough_key_is_a_clear_error(tmp_path, data):  # noqa: F811
     assert r.returncode == 2, r.stderr[-3000:]
     assert "DeepSpeed 0.19.8 has no config key 'zero_optimisation'" in r.stderr
     assert "did you mean 'zero_optimization'?" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()                        # checked before any process starts
+    r = kscale("launch", cfg, "run.engine=deepspeed", "launcher.cluster=slurm", "launcher.tasks_per_node=2",
+               "--dry-run", env=ENV)                               # and before anything is submitted
+    assert r.returncode == 2 and "has no config key 'zero_optimisation'" in r.stderr, r.stderr[-3000:]
 
 
 def test_passthrough_merges_and_conflicts_are_reported():

@@ -30,7 +30,16 @@ def _free_port() -> int:
 
 def prepare_run(config_path, overrides, nproc: int | None = None):
     cfg = load_config(config_path, list(overrides) + ([f"parallel.nproc={nproc}"] if nproc else []))
+    check_engine(cfg)
     return cfg, write_resolved(cfg)
+
+
+def check_engine(cfg) -> None:
+    """What only the engine's library can check (the DeepSpeed JSON with its passthrough), before any
+    process starts, any job is submitted or anything is written."""
+    if cfg.run.engine == "deepspeed":
+        from ..train.deepspeed_adapter import deepspeed_config
+        deepspeed_config(cfg, dp_size=cfg.parallel.nproc)          # TP = PP = 1: every rank is data parallel
 
 
 def write_resolved(cfg) -> Path:

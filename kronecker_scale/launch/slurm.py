@@ -130,7 +130,10 @@ def make_executor(cfg: DictConfig, folder: Path, job_name: str):
 def resolve(config_path, overrides=()) -> DictConfig:
     """The validated config (under Slurm, load_config sets the world size from the launcher)."""
     from ..config import load_config
-    return load_config(config_path, list(overrides))
+    from .local import check_engine
+    cfg = load_config(config_path, list(overrides))
+    check_engine(cfg)
+    return cfg
 
 
 def _record(folder: Path, info: dict) -> None:
