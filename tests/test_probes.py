@@ -178,3 +178,10 @@ def test_norm_drift_equals_direct_norms_and_the_trainer_log(gpt2, tmp_path):
     table = load_checkpoint(gpt2).input_table()          # the latest checkpoint's materialised embeddings
     assert rows[-1]["embedding_rms"] == pytest.approx(float(table.pow(2).mean().sqrt()), rel=1e-9)
     assert (tmp_path / "norm_drift.png").is_file()
+
+
+def test_loading_and_probing_leave_no_global_cpu_layer(ck):
+    """megatron's CPU layer is process-global; a library user (or this test process) must get it back off."""
+    from kronecker_scale.model import megatron_cpu
+    ck.forward(torch.tensor([1, 2, 3]))
+    assert not megatron_cpu.is_enabled()

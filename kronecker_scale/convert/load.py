@@ -9,6 +9,7 @@ explicit bytes (out-of-vocabulary strings; Kronecker input layers only).
 """
 from __future__ import annotations
 
+import contextlib
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,20 +49,19 @@ def _free_port() -> int:
 
 
 def init_single_process() -> None:
-    """A world of one (gloo) with megatron's TP = PP = 1 state and the CPU layer; idempotent."""
+    """A world of one (gloo) with megatron's TP = PP = 1 state; idempotent."""
     from megatron.core import parallel_state as ps
-    from ..model import megatron_cpu
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
                                              world_size=1)
     if torch.distributed.get_world_size() != 1:
         raise KScaleError("single-process loading was called inside a multi-process job",
                           fix="load checkpoints for export or probes in a plain Python process")
-    megatron_cpu.enable()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     from megatron.core import tensor_parallel
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    with cpu_layer():
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
 
 
 def tensor_shapes(step_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -75,6 +75,22 @@ def tensor_shapes(step_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.dtyp
     return {k: (tuple(v.global_shape), v.dtype) for k, v in meta.items()}
 
 
+@contextlib.contextmanager
+def cpu_layer():
+    """megatron's CPU layer (model/megatron_cpu.py) while building or loading, on CPU machines only. It is
+    global (a TorchFunctionMode, patched torch.cuda), so a library user's process (or the test process)
+    gets back what it had."""
+    from ..model import megatron_cpu
+    turn_on = not torch.cuda.is_available() and not megatron_cpu.is_enabled()
+    if turn_on:
+        megatron_cpu.enable()
+    try:
+        yield
+    finally:
+        if turn_on:
+            megatron_cpu.disable()
+
+
 def read_tensors(step_dir: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     """Whole (unsharded) tensors by checkpoint key, read in this process: no model is built."""
     from megatron.core import dist_checkpointing
@@ -86,7 +102,8 @@ def read_tensors(step_dir: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     init_single_process()
     request = {k: ShardedTensor.from_rank_offsets(k, torch.empty(shapes[k][0], dtype=shapes[k][1]), replica_id=0)
                for k in keys}
-    return dist_checkpointing.load(request, str(step_dir))
+    with cpu_layer():
+        return dist_checkpointing.load(request, str(step_dir))
 
 
 @dataclass
@@ -134,7 +151,8 @@ class LoadedCheckpoint:
         try:
             positions = torch.arange(ids.shape[1]).expand_as(ids)
             decoder_input = self._embed(ids, overrides) if overrides else None
-            logits = self.model(ids, positions, None, decoder_input=decoder_input)
+            with cpu_layer():                  # megatron asks torch.cuda for the device inside attention
+                logits = self.model(ids, positions, None, decoder_input=decoder_input)
         finally:
             hook.remove()
         hidden = captured["h"]
@@ -196,16 +214,17 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
                               where=f"{step_dir / 'config.yaml'}: tokenizer.path={cfg.tokenizer.path}",
                               fix="make tokenizer.path point at the training tokenizer")
     init_single_process()
-    torch.manual_seed(0)
-    tcfg = transformer_config(model_cfg, params_dtype=torch.float32)
-    model = build_model(model_cfg, tcfg, byte_table=byte_table, vocab_size=tok.vocab_size,
-                        pre_process=True, post_process=True)
-    try:
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step_dir))
-    except Exception as e:       # megatron raises many types; name the checkpoint and the cause
-        raise KScaleError(f"could not read the model from the checkpoint ({type(e).__name__}: {e})",
-                          where=str(step_dir)) from None
-    model.load_state_dict(state["model"])
+    with cpu_layer():
+        torch.manual_seed(0)
+        tcfg = transformer_config(model_cfg, params_dtype=torch.float32)
+        model = build_model(model_cfg, tcfg, byte_table=byte_table, vocab_size=tok.vocab_size,
+                            pre_process=True, post_process=True)
+        try:
+            state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step_dir))
+        except Exception as e:       # megatron raises many types; name the checkpoint and the cause
+            raise KScaleError(f"could not read the model from the checkpoint ({type(e).__name__}: {e})",
+                              where=str(step_dir)) from None
+        model.load_state_dict(state["model"])
     model.eval()
     trainer_state = torch.load(step_dir / "trainer_state.pt", weights_only=False)
     return LoadedCheckpoint(step_dir, cfg, model_cfg, model, byte_table, tok, tok.vocab_size,
