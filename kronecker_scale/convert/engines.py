@@ -14,8 +14,6 @@ The result is OUT/step_XXXXXXXX + OUT/latest; train from it with checkpoint.resu
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -71,30 +69,9 @@ def megatron_to_deepspeed(src: str | Path, out_root: str | Path, *, world_size: 
 
 
 def _run(direction: str, step_dir: Path, out_root: str | Path, cfg, timeout: float) -> Path:
-    from omegaconf import OmegaConf
-    
-    from .reshard import _free_port, _wait
-    from ..train.checkpoint import latest_checkpoint
-    out_root = Path(out_root)
-    if out_root.resolve() == step_dir.parent.resolve():
-        raise KScaleError("the output folder is the checkpoint's own folder", where=str(out_root),
-                          fix="write the converted checkpoint into a new folder")
-    out_root.mkdir(parents=True, exist_ok=True)
-    resolved = out_root / f".{direction}-config.yaml"
-    resolved.write_text(OmegaConf.to_yaml(cfg))
-    n = cfg.parallel.nproc
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))}
-    procs = [subprocess.Popen([sys.executable, "-m", "kronecker_scale.convert.engines", direction, str(step_dir),
-                               str(out_root), str(resolved)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              start_new_session=True, stderr=subprocess.PIPE, text=True) for r in range(n)]
-    failed = _wait(procs, timeout)
-    resolved.unlink(missing_ok=True)
-    if failed is not None:
-        rank, code, err = failed
-        raise KScaleError(f"conversion failed on rank {rank} (exit status {code}): {err.strip()[-1500:]}",
-                          where=str(step_dir))
-    return latest_checkpoint(out_root)
+    from .reshard import run_offline_ranks
+    return run_offline_ranks("kronecker_scale.convert.engines", [direction, str(step_dir)], step_dir, out_root, cfg,
+                             timeout, direction)
 
 
 # --- the megatron side: whole tensors by name ---------------------------------------------------------

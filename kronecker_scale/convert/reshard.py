@@ -45,29 +45,37 @@ def reshard(checkpoint: str | Path, out_root: str | Path, *, tensor: int, pipeli
             sequence: bool | None = None, timeout: float = 1800) -> Path:
     """Write the checkpoint in the layout TP=tensor, PP=pipeline, DP=data under out_root; returns the step folder."""
     step_dir = resolve_checkpoint(checkpoint)
+    cfg = target_config(step_dir, tensor, pipeline, data, sequence)
+    return run_offline_ranks("kronecker_scale.convert.reshard", [str(step_dir)], step_dir, out_root, cfg, timeout,
+                             "reshard")
+
+
+def run_offline_ranks(module: str, args: list[str], step_dir: Path, out_root: str | Path, cfg, timeout: float,
+                      what: str) -> Path:
+    """Start cfg.parallel.nproc gloo ranks of `python -m module *args OUT_ROOT CONFIG` (the config written
+    to a hidden file in OUT_ROOT) and wait; returns the checkpoint they wrote under OUT_ROOT."""
+    from ..train.checkpoint import latest_checkpoint
     out_root = Path(out_root)
     if out_root.resolve() == step_dir.parent.resolve():
         raise KScaleError("the output folder is the checkpoint's own folder", where=str(out_root),
-                          fix="write the resharded checkpoint into a new folder")
-    cfg = target_config(step_dir, tensor, pipeline, data, sequence)
+                          fix="write the new checkpoint into a new folder")
     out_root.mkdir(parents=True, exist_ok=True)
-    resolved = out_root / ".reshard-config.yaml"
+    resolved = out_root / f".{what}-config.yaml"
     resolved.write_text(OmegaConf.to_yaml(cfg))
     n = cfg.parallel.nproc
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
            "OMP_NUM_THREADS": threads}
-    procs = [subprocess.Popen([sys.executable, "-m", "kronecker_scale.convert.reshard", str(step_dir), str(out_root),
-                               str(resolved)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              start_new_session=True, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-m", module, *args, str(out_root), str(resolved)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True,
+                              stderr=subprocess.PIPE, text=True)
              for r in range(n)]
     failed = _wait(procs, timeout)
     resolved.unlink(missing_ok=True)
     if failed is not None:
         rank, code, err = failed
-        raise KScaleError(f"resharding failed on rank {rank} (exit status {code}): {err.strip()[-1500:]}",
+        raise KScaleError(f"{what} failed on rank {rank} (exit status {code}): {err.strip()[-1500:]}",
                           where=str(step_dir))
-    from ..train.checkpoint import latest_checkpoint
     return latest_checkpoint(out_root)
 
 

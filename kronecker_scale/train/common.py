@@ -155,15 +155,28 @@ def norm_record(stats: torch.Tensor, input_layer: str) -> dict:
     return {f"{name}_row_norm": row_norm, f"{name}_std": std}
 
 
-def end_of_step(step: int, cfg: DictConfig, faults: Faults, ckpt_dir: Path, save, metrics) -> None:
-    """After a step's metrics and checkpoint: the fault hooks, then the preemption check (a collective:
-    every rank stops at the same step, after `save()` unless this step was just saved)."""
+def finish_step(trainer, record: dict, metrics, faults: Faults, step: int, tokens: int, skipped: int) -> None:
+    """What both engines do after an update. `trainer` has cfg, ckpt_dir, norm_stats(), evaluate() and
+    save(step, tokens, skipped). In order: log (with the norm statistics, a collective, only when logged),
+    evaluate, checkpoint, the fault hooks, then the preemption check (a collective: every rank stops at
+    the same step, after saving unless this step was just saved)."""
+    cfg = trainer.cfg
+    last = step == cfg.schedule.train_steps
+    if step % cfg.logging.every == 0 or last:
+        record.update(trainer.norm_stats())
+        metrics.write(record)
+    if cfg.eval.every and (step % cfg.eval.every == 0 or last):
+        val = trainer.evaluate()
+        if val is not None:
+            metrics.write({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50)), "tokens": tokens})
+    if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.save_at_end):
+        trainer.save(step, tokens, skipped)
     if step == faults.crash_at:                        # fault injection for the resume tests
         os._exit(137)
     time.sleep(faults.step_sleep_s)
     signame = preemption.requested()
-    if signame and step < cfg.schedule.train_steps:
-        if not saved_at(ckpt_dir, step):
-            save()
+    if signame and not last:
+        if not saved_at(trainer.ckpt_dir, step):
+            trainer.save(step, tokens, skipped)
         metrics.close()
         raise preemption.Preempted(step, signame)

@@ -5,7 +5,6 @@ config -> tokenizer + byte table -> data (this DP rank) -> model (this TP/PP ran
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -210,17 +209,7 @@ class Trainer:
             record = common.step_record(cfg, step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
                                         tokens_per_step=tokens_per_step, step_time=dt, skipped=skipped,
                                         n_params=self.n_params)
-            if step % cfg.logging.every == 0 or step == cfg.schedule.train_steps:
-                record.update(self.norm_stats())           # collective: every rank computes it, when logged
-                metrics.write(record)
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.schedule.train_steps):
-                val = self.evaluate()
-                if val is not None:
-                    metrics.write({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50)), "tokens": tokens})
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
-                    step == cfg.schedule.train_steps and cfg.checkpoint.save_at_end):
-                self.save(step, tokens, skipped)
-            common.end_of_step(step, cfg, faults, self.ckpt_dir, lambda: self.save(step, tokens, skipped), metrics)
+            common.finish_step(self, record, metrics, faults, step, tokens, skipped)
         metrics.close()
         return {"step": step, "tokens": tokens, "skipped_steps": skipped}
 
