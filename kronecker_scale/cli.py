@@ -168,7 +168,7 @@ def cmd_launch(args) -> int:
         if args.dry_run:
             return 0
         sweep_dir = Path(args.sweep_dir or Path("runs/sweeps") / spec["name"]).resolve()
-        if args.wait or not jobs:
+        if args.wait or all(isinstance(j, int) for j in jobs):    # local sweeps have already run
             failed = slurm.wait(jobs, console=print)
             _print_summary(con, sweep_dir)
             return 1 if failed else 0
@@ -188,7 +188,7 @@ def _print_summary(con, sweep_dir) -> None:
                      [[sweep.format_cell(r[c]) for c in sweep.SUMMARY_COLUMNS] for r in rows]))
     con.print(f"wrote {Path(sweep_dir) / 'summary.md'} and summary.csv")
     if json.loads((Path(sweep_dir) / "sweep.json").read_text()).get("kind") == "vocab-scaling":
-        rows = vocab_scaling.report(sweep_dir)
+        rows = vocab_scaling.report(sweep_dir, rows)
         con.print(_table("Vocabulary scaling", vocab_scaling.COLUMNS,
                          [[sweep.format_cell(r[c]) for c in vocab_scaling.COLUMNS] for r in rows]))
         con.print(f"wrote {Path(sweep_dir) / 'vocab_scaling.md'}, .csv and .png")

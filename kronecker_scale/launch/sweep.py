@@ -17,6 +17,7 @@ sweep directory keeps `sweep.json` (elements, job ids) and, once runs finish, `s
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import math
@@ -100,17 +101,24 @@ def dotlist(overrides: dict) -> list[str]:
 SUMMARY_COLUMNS = ["run", "overrides", "status", "step", "loss", "val_loss", "tokens_per_s", "memory_gb", "params"]
 
 
-def _params(run_dir: Path) -> int | None:
-    from ..model.accounting import GPTShape, model_params
+@functools.lru_cache(maxsize=None)
+def vocab_size(tokenizer: str) -> int:
+    """The real vocabulary size of a tokenizer path or built-in name, read once per process (a sweep's
+    runs share a few tokenizers, and loading a 100K-262K vocabulary takes seconds)."""
     from ..tokenizer import load_tokenizer
     from ..tokenizer.assets import tokenizer_path
+    return load_tokenizer(tokenizer_path(tokenizer)).vocab_size
+
+
+def _params(run_dir: Path) -> int | None:
+    from ..model.accounting import GPTShape, model_params
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         return None
     cfg = OmegaConf.load(cfg_path)
     m = cfg.model
     try:
-        vocab = load_tokenizer(tokenizer_path(cfg.tokenizer.path)).vocab_size
+        vocab = vocab_size(cfg.tokenizer.path)
     except KScaleError:
         return None
     shape = GPTShape(vocab_size=vocab, d_model=m.d_model, n_layers=m.n_layers, seq_len=m.seq_len,

@@ -143,23 +143,22 @@ COLUMNS = ["vocabulary", "V", "arm", "status", "loss", "val_loss", "val_bpb", "t
 
 
 def _vocab_of(run_dir: Path) -> tuple[str, int]:
-    from ..tokenizer import load_tokenizer
-    from ..tokenizer.assets import tokenizer_path
     cfg = OmegaConf.load(run_dir / "config.yaml")
     path = Path(cfg.tokenizer.path)
     name = path.parent.name if path.name == "tokenizer.json" else path.stem
-    return name, load_tokenizer(tokenizer_path(cfg.tokenizer.path)).vocab_size
+    return name, sweep.vocab_size(cfg.tokenizer.path)
 
 
-def report(sweep_dir: str | Path) -> list[dict]:
-    """vocab_scaling.{md,csv,json,png}: each run's final metrics against its real vocabulary size."""
+def report(sweep_dir: str | Path, summaries: list[dict] | None = None) -> list[dict]:
+    """vocab_scaling.{md,csv,json,png}: each run's final metrics against its real vocabulary size
+    (`summaries`: sweep.summarize's rows when the caller has them already)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sweep_dir = Path(sweep_dir)
     meta = json.loads((sweep_dir / "sweep.json").read_text())
     rows = []
-    for e, summary in zip(meta["elements"], sweep.summarize(sweep_dir)):
+    for e, summary in zip(meta["elements"], summaries or sweep.summarize(sweep_dir)):
         run_dir = Path(e["run_dir"])
         cfg = OmegaConf.load(run_dir / "config.yaml")
         name, V = _vocab_of(run_dir)
