@@ -1,9 +1,11 @@
 """Triton kernels for the Kronecker embedding, installed as `kronecker_scale.kernels`.
 
-Layout (Liger-Kernel's): the kernels and their autograd function live in `kronecker_embedding.py`;
-the torch reference they are tested against is `kronecker_scale.embedding.kronecker_embed_torch`
-(tests/test_kernels.py); the benchmark is tools/bench_embedding.py. On a machine without a GPU the
-kernels run only in Triton's interpreter (TRITON_INTERPRET=1 set before this package is imported).
+Layout (Liger-Kernel's): `kronecker_embedding.py` holds the kernels, their autograd function
+(`KroneckerEmbeddingFunction`) and the functional entry point (`kronecker_embedding_triton`); the module
+that uses them is kronecker_scale.embedding.KroneckerEmbedding (impl="triton"). The torch reference they
+are tested against lives in the test, tests/test_kernels.py (fp64, straight from the definition); the
+benchmark is benchmarks/embedding.py (`kscale bench embedding`). On a machine without a GPU the kernels
+run only in Triton's interpreter (TRITON_INTERPRET=1 set before this package is imported).
 
 (A top-level import named `kernels` would shadow the package of that name that transformers probes
 for, hence the install-time name.)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -283,11 +284,11 @@ def cmd_cut_tokenizer(args) -> int:
     return 0
 
 
-# --- benchmarks -----------------------------------------------------------------------------
+# --- benchmarks (top-level benchmarks/, installed as kronecker_scale.benchmarks) ---------------
 def cmd_bench(args) -> int:
     con = _console()
     if args.what == "prepare-data":
-        from .bench import prepare
+        from kronecker_scale.benchmarks import prepare
         inputs = args.inputs or ["runs/data/corpus/train"]
         rows = prepare.run(inputs, args.tokenizer, progress=con.print)
         con.print(_table(f"prepare-data throughput on {', '.join(map(str, inputs))}",
@@ -297,7 +298,7 @@ def cmd_bench(args) -> int:
                           for r in rows]))
         return 0
     if args.what == "tp-embedding":
-        from .bench import tp_embedding
+        from kronecker_scale.benchmarks import tp_embedding
         rows = tp_embedding.run(args.tp, args.tokens, args.d_model, args.pos_dim, reps=args.reps)
         md = tp_embedding.markdown(rows, f"kscale bench tp-embedding --tp {args.tp} --tokens {args.tokens} "
                                          f"--d-model {args.d_model} --pos-dim {args.pos_dim} --reps {args.reps}")
@@ -307,7 +308,7 @@ def cmd_bench(args) -> int:
         (out / "bench_tp_embedding.json").write_text(json.dumps(rows, indent=2))
         con.print(md)
         return 0
-    from .bench import embedding
+    from kronecker_scale.benchmarks import embedding
     command = (f"kscale bench embedding --grid {args.grid} --providers {' '.join(args.providers)} "
                f"--reps {args.reps}" + (f" --device {args.device}" if args.device else ""))
     con.print(f"embedding benchmark, grid {args.grid!r}, providers {', '.join(args.providers)}")
@@ -321,6 +322,9 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kscale", description="kronecker-scale: GPT pretraining with Kronecker embeddings")
+    p.add_argument("--verbose", action="store_true",
+                   help="show every library notice (megatron/DeepSpeed/torch fallbacks and deprecations are "
+                        "hidden and counted by default); also KSCALE_VERBOSE=1")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("tokenizers", help="list (and fetch) the built-in real tokenizers")
@@ -437,12 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/bench")
     s.set_defaults(func=cmd_bench)
 
-    from .convert.commands import add_convert_commands, add_probe_commands
+    from .convert.commands import add_convert_commands
     s = sub.add_parser("convert", help="checkpoint conversion: to-hf, reshard, extract, summary")
     convert = s.add_subparsers(dest="convert_command", required=True)   # more converters: convert.add_parser(...)
     add_convert_commands(convert)
     from .convert.engines import add_engine_commands
     add_engine_commands(convert)
+    from .probes.cli import add_probe_commands
     add_probe_commands(sub)
 
     s = sub.add_parser("demo", help="byte tables of real tokenizers + parameter tables (the README's main job)")
@@ -451,13 +456,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# commands whose work runs in rank processes: rank 0 prints the quiet summary there
+_RANKS_REPORT = {"train", "launch", "vocab-sweep"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    if "--verbose" in argv[:cut]:                    # global flag, accepted before or after the subcommand
+        argv = ["--verbose", *[a for a in argv[:cut] if a != "--verbose"], *argv[cut:]]
+        os.environ["KSCALE_VERBOSE"] = "1"           # rank processes inherit it
+    from . import quiet
+    quiet.install(os.environ.get("KSCALE_VERBOSE") == "1")   # before megatron / deepspeed are imported
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KScaleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        line = quiet.summary() if args.command not in _RANKS_REPORT else None
+        if line:
+            print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

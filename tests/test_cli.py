@@ -1,17 +1,7 @@
 """The `kscale` command: real subprocesses, exit codes and messages."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def kscale(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "kronecker_scale.cli", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+from tiny_runs import REPO, kscale
 
 
 def test_params_prints_the_paper_figures():
@@ -39,10 +29,21 @@ def test_bad_input_exits_non_zero_with_a_message(args, needle):
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
 
 
-def test_pyproject_lists_every_subpackage():
+def test_pyproject_installs_every_subpackage(monkeypatch):
+    """What setuptools installs from pyproject.toml's package-dir (automatic discovery) holds every folder
+    with an __init__.py under each mapped folder, under its installed name."""
     import tomllib
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    pkg = REPO / "kronecker_scale"
-    found = {".".join(("kronecker_scale", *p.parent.relative_to(pkg).parts)) for p in pkg.rglob("__init__.py")}
-    found |= {"kronecker_scale"} if (pkg / "__init__.py").exists() else set()
-    assert found | {"kronecker_scale.kernels"} == listed
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+    monkeypatch.chdir(REPO)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # setuptools' deprecation notices about other keys
+        dist = apply_configuration(Distribution(), REPO / "pyproject.toml")
+        dist.set_defaults()
+    mapped = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    found = {".".join((name, *p.parent.relative_to(REPO / folder).parts))
+             for name, folder in mapped.items() for p in (REPO / folder).rglob("__init__.py")}
+    assert {"kronecker_scale", "kronecker_scale.kernels", "kronecker_scale.train", "kronecker_scale.inference"} <= found
+    assert found <= set(dist.packages), found - set(dist.packages)

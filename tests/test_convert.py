@@ -6,28 +6,20 @@ import warnings
 import pytest
 import torch
 
-import tiny_runs
 from kronecker_scale.errors import KScaleError
+from tiny_runs import kscale, real_text
 
 warnings.filterwarnings("ignore", category=UserWarning)
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_runs.shared_base(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def gpt2(base):
-    return tiny_runs.gpt2_run(base)
+# the tiny runs (gpt2_run, llama_tp2_run, bpe_run: conftest.py) are real `kscale train` runs: every test
+# that asks for one is slow
 
 
 def _export_and_compare(run, out, via_cli: bool):
-    from kronecker_scale.convert.load import load_checkpoint
+    from kronecker_scale.inference import load_checkpoint
     from kronecker_scale.convert.to_hf import export_to_hf, load_hf, parity
     if via_cli:                         # the console command: export, then its own parity report
-        r = tiny_runs.kscale("convert", "to-hf", run, out)
+        r = kscale("convert", "to-hf", run, out)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "same greedy continuation: True" in r.stdout
         assert float(r.stdout.split("max KL(ours || HF) ")[1].split(",")[0]) <= 1e-6
@@ -35,12 +27,13 @@ def _export_and_compare(run, out, via_cli: bool):
     else:
         info = export_to_hf(run, out)
     ck = load_checkpoint(run)
-    return info, ck, parity(ck, out, tiny_runs.real_text()[:4000], greedy_tokens=20), load_hf(out)
+    return info, ck, parity(ck, out, real_text()[:4000], greedy_tokens=20), load_hf(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["gpt2", "llama_tp2", "bpe"])
-def test_export_to_hf_matches_our_logits(base, tmp_path, which):
-    run = {"gpt2": tiny_runs.gpt2_run, "llama_tp2": tiny_runs.llama_tp2_run, "bpe": tiny_runs.bpe_run}[which](base)
+def test_export_to_hf_matches_our_logits(request, tmp_path, which):
+    run = request.getfixturevalue(f"{which}_run")
     info, ck, p, hf = _export_and_compare(run, tmp_path / "hf", via_cli=which == "gpt2")
     arch = {"gpt2": "GPT2LMHeadModel", "llama_tp2": "LlamaForCausalLM", "bpe": "GPT2LMHeadModel"}[which]
     assert info["architecture"] == arch and type(hf).__name__ == arch
@@ -79,18 +72,20 @@ def test_export_refuses_architectures_transformers_lacks(tmp_path):
     assert v.tolist() == [6, 7, 8, 15, 16, 17]
 
 
-def test_to_hf_refuses_a_full_folder(gpt2, tmp_path):
+@pytest.mark.slow
+def test_to_hf_refuses_a_full_folder(gpt2_run, tmp_path):
     from kronecker_scale.convert.to_hf import export_to_hf
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(KScaleError, match="output folder is not empty"):
-        export_to_hf(gpt2, tmp_path)
+        export_to_hf(gpt2_run, tmp_path)
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
-def test_summary_counts_match_the_model(base, gpt2):
-    from kronecker_scale.convert.load import load_checkpoint
+@pytest.mark.slow
+def test_summary_counts_match_the_model(gpt2_run, llama_tp2_run):
+    from kronecker_scale.inference import load_checkpoint
     from kronecker_scale.convert.summary import checkpoint_summary
-    for run, arm, tp in [(gpt2, "kronecker", 1), (tiny_runs.llama_tp2_run(base), "kronecker_tied", 2)]:
+    for run, arm, tp in [(gpt2_run, "kronecker", 1), (llama_tp2_run, "kronecker_tied", 2)]:
         s = checkpoint_summary(run)
         ck = load_checkpoint(run)
         params = sum(p.numel() for p in ck.model.parameters())
@@ -98,32 +93,34 @@ def test_summary_counts_match_the_model(base, gpt2):
         assert s["parameters"]["total"] == params == s["parameters_by_accounting"]["total"]
         assert s["parameters"]["input"] == 256 * 16 * 32
     assert s["parameters"]["head"] == 0
-    r = tiny_runs.kscale("convert", "summary", gpt2)
+    r = kscale("convert", "summary", gpt2_run)
     assert r.returncode == 0 and "step        40" in r.stdout and "kronecker" in r.stdout
 
 
-def test_extract_gives_the_input_layer_alone(gpt2, tmp_path):
-    from kronecker_scale.convert.load import load_checkpoint
+@pytest.mark.slow
+def test_extract_gives_the_input_layer_alone(gpt2_run, bpe_run, tmp_path):
+    from kronecker_scale.inference import load_checkpoint
     from kronecker_scale.convert.summary import load_extracted
     from kronecker_scale.convert.summary import extract_input_layer
-    extract_input_layer(gpt2, tmp_path / "input.safetensors")
+    extract_input_layer(gpt2_run, tmp_path / "input.safetensors")
     meta = json.loads((tmp_path / "input.json").read_text())
     assert meta["pos_dim"] == 16 and meta["d_model"] == 32 and meta["vocab_size"] == 50257
     emb, _ = load_extracted(tmp_path / "input.safetensors")
-    ck = load_checkpoint(gpt2)
+    ck = load_checkpoint(gpt2_run)
     assert meta["fingerprint"] == ck.byte_table.fingerprint
-    ids = torch.tensor(ck.tokenizer.encode(tiny_runs.real_text()[:500]))
+    ids = torch.tensor(ck.tokenizer.encode(real_text()[:500]))
     assert torch.equal(emb(ids), ck.model.embedding.word_embeddings(ids))
     with pytest.raises(KScaleError, match="not a kscale checkpoint"):
-        extract_input_layer(gpt2 / "nowhere", tmp_path / "x.safetensors")
+        extract_input_layer(gpt2_run / "nowhere", tmp_path / "x.safetensors")
     with pytest.raises(KScaleError, match="no Kronecker projection"):
-        extract_input_layer(tiny_runs.bpe_run(gpt2.parent), tmp_path / "x.safetensors")
+        extract_input_layer(bpe_run, tmp_path / "x.safetensors")
 
 
-def test_reshard_round_trip_is_exact(gpt2, tmp_path):
-    from kronecker_scale.convert.load import load_checkpoint, read_tensors, tensor_shapes
+@pytest.mark.slow
+def test_reshard_round_trip_is_exact(gpt2_run, tmp_path):
+    from kronecker_scale.inference import load_checkpoint, read_tensors, tensor_shapes
     from kronecker_scale.convert.reshard import reshard
-    original = gpt2 / "checkpoints" / "step_00000020"
+    original = gpt2_run / "checkpoints" / "step_00000020"
     tp2 = reshard(original, tmp_path / "tp2", tensor=2, pipeline=1)
     assert tp2 == tmp_path / "tp2" / "step_00000020"
     assert sorted(p.name for p in tp2.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]   # two ranks wrote it
@@ -144,10 +141,11 @@ def test_reshard_round_trip_is_exact(gpt2, tmp_path):
     assert all(s["step"] == 20 and s["train_loader"] == states[0]["train_loader"] for s in states)
     assert [s["world_size"] for s in states] == [1, 2, 1]
     # the TP=2 checkpoint evaluates like the original: the same logits on real text
-    ids = torch.tensor(load_checkpoint(original).tokenizer.encode(tiny_runs.real_text()[:3000])[:32])
+    ids = torch.tensor(load_checkpoint(original).tokenizer.encode(real_text()[:3000])[:32])
     assert torch.equal(load_checkpoint(original).forward(ids)[0], load_checkpoint(tp2).forward(ids)[0])
 
 
-def test_reshard_refuses_impossible_layouts(gpt2, tmp_path):
-    r = tiny_runs.kscale("convert", "reshard", gpt2, tmp_path / "x", "--tensor", "3")
+@pytest.mark.slow
+def test_reshard_refuses_impossible_layouts(gpt2_run, tmp_path):
+    r = kscale("convert", "reshard", gpt2_run, tmp_path / "x", "--tensor", "3")
     assert r.returncode == 2 and "divisible" in r.stderr and "Traceback" not in r.stderr

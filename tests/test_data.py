@@ -1,7 +1,6 @@
 """prepare-data and the streaming loader: round trip, data-parallel split, exact resume, bad input."""
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,18 @@ from kronecker_scale.data import build_loader, prepare_data, read_manifest
 from kronecker_scale.errors import KScaleError
 from kronecker_scale.tokenizer import load_tokenizer
 from kronecker_scale.tokenizer.assets import tokenizer_path
+from tiny_runs import real_text
 
-LICENSE = Path(sys.base_prefix) / "lib" / "python3.11" / "LICENSE.txt"
+# prepare_data tokenizes in a pool of spawned processes, so every test here starts processes (3-30 s a test
+# on 2 shared cores); one runs 4 gloo ranks
+pytestmark = pytest.mark.slow
+
 SEQ = 32
 
 
 @pytest.fixture(scope="module")
 def docs():
-    text = LICENSE.read_text(encoding="utf-8")
+    text = real_text()
     paragraphs = [p for p in text.split("\n\n") if p.strip()]
     return ["\n\n".join(paragraphs[i:i + 6]) for i in range(0, len(paragraphs), 6)]
 

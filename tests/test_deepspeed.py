@@ -2,58 +2,52 @@
 after a kill, conversion to the megatron format and back, and clear errors for a bad passthrough.
 
 Real processes on gloo with DeepSpeed's CPU accelerator, the same tiny model, tokenizer and text as
-test_train.py. The first DeepSpeed start JIT-builds its shm_comm op (~35 s), cached in
+test_train.py (the session's `tiny_dataset`, conftest.py). The first DeepSpeed start JIT-builds its shm_comm op (~35 s), cached in
 TORCH_EXTENSIONS_DIR (default here: ~/.cache/kscale/torch_extensions).
 """
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
-from test_train import config, data, kscale, losses  # noqa: F401  (data: the module-scoped prepared dataset)
+
+from tiny_runs import DEEPSPEED_ENV, kscale, losses
 
 # measured: the engines agree to 3.3e-5 (relative) after 6 steps in fp32 on CPU (identical at step 1;
 # differences in summation order grow through AdamW's normalisation)
 LOSS_RTOL = 2e-4
-ENV = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                              str(Path.home() / ".cache" / "kscale" / "torch_extensions"))}
 SHAPE = {"data": {"global_batch_size": 8}, "schedule": {"train_steps": 6, "warmup_steps": 2},
          "checkpoint": {"every": 3}, "eval": {"every": 3, "batches": 2}}
 
 
-def ds_config(tmp_path, data, **sections):  # noqa: F811
-    """test_train's config with 6 steps of 2 ranks x 2 micro-batches of 2 (its `data` argument is the
-    dataset, so the data section is patched in the written YAML)."""
-    import yaml
-    merged = {k: dict(v) for k, v in SHAPE.items()}
-    for k, v in sections.items():
-        merged.setdefault(k, {}).update(v)
-    data_section = merged.pop("data")
-    path = config(tmp_path, data, **merged)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["data"].update(data_section)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+@pytest.fixture(scope="session")
+def ds_config(tiny_config):
+    """tiny_config with 6 steps of 2 ranks x 2 micro-batches of 2; keywords update sections as there."""
+    def make(directory, **sections):
+        merged = {k: dict(v) for k, v in SHAPE.items()}
+        for k, v in sections.items():
+            merged.setdefault(k, {}).update(v)
+        return tiny_config(directory, **merged)
+    return make
 
 
 def train(cfg, *overrides, env=None):
-    return kscale("train", cfg, "parallel.nproc=2", *overrides, env={**ENV, **(env or {})})
+    return kscale("train", cfg, "parallel.nproc=2", *overrides, env={**DEEPSPEED_ENV, **(env or {})})
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data):  # noqa: F811
+def runs(tmp_path_factory, ds_config):
     """The megatron engine's run and one deepspeed run per ZeRO stage, same config (2 ranks, 2 micro-batches)."""
     out = {}
     for name in ("megatron", "zero1", "zero2", "zero3"):
         d = tmp_path_factory.mktemp(name)
         extra = [] if name == "megatron" else ["run.engine=deepspeed", f"deepspeed.zero_stage={name[-1]}"]
-        r = train(ds_config(d, data), *extra)
+        r = train(ds_config(d), *extra)
         assert r.returncode == 0, r.stderr[-3000:]
         out[name] = d / "run"
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stage_gives_the_megatron_engines_losses(runs, stage):
@@ -76,9 +70,10 @@ def test_zero_stage_gives_the_megatron_engines_losses(runs, stage):
     assert state["engine"] == "deepspeed" and state["zero_stage"] == stage and state["step"] == 6
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path, data, runs):  # noqa: F811
-    cfg = ds_config(tmp_path, data)
+def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path, ds_config, runs):
+    cfg = ds_config(tmp_path)
     r = train(cfg, "run.engine=deepspeed", "deepspeed.zero_stage=2", env={"KSCALE_FAULT_EXIT_AFTER_STEP": "4"})
     assert r.returncode != 0
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
@@ -88,15 +83,16 @@ def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path, data, r
     assert losses(tmp_path / "run") == losses(runs["zero2"])        # bit-exact, every step
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_conversion_to_megatron_and_back_keeps_the_weights_and_the_megatron_engine_resumes(tmp_path, data, runs):  # noqa: F811,E501
+def test_conversion_to_megatron_and_back_keeps_the_weights_and_the_megatron_engine_resumes(tmp_path, ds_config, runs):
     from kronecker_scale.train.deepspeed_adapter import consolidated_weights
     src = runs["zero3"] / "checkpoints" / "step_00000003"
-    r = kscale("convert", "deepspeed-to-megatron", src, tmp_path / "mg", env=ENV)
+    r = kscale("convert", "deepspeed-to-megatron", src, tmp_path / "mg", env=DEEPSPEED_ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     mg = tmp_path / "mg" / "step_00000003"
     assert (tmp_path / "mg" / "latest").read_text().strip() == mg.name
-    r = kscale("convert", "megatron-to-deepspeed", mg, tmp_path / "ds", env=ENV)
+    r = kscale("convert", "megatron-to-deepspeed", mg, tmp_path / "ds", env=DEEPSPEED_ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     before, after = consolidated_weights(src), consolidated_weights(tmp_path / "ds" / "step_00000003")
     assert sorted(before) == sorted(after) and len(before) > 10
@@ -105,7 +101,7 @@ def test_conversion_to_megatron_and_back_keeps_the_weights_and_the_megatron_engi
     # the megatron engine continues from the converted checkpoint with the deepspeed run's losses
     # (weights, Adam states, step and data position all carried over)
     (tmp_path / "resume").mkdir()
-    cfg = ds_config(tmp_path / "resume", data)
+    cfg = ds_config(tmp_path / "resume")
     r = train(cfg, f"checkpoint.resume={mg}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
@@ -115,16 +111,17 @@ def test_conversion_to_megatron_and_back_keeps_the_weights_and_the_megatron_engi
         assert got[step] == pytest.approx(expected[step], rel=LOSS_RTOL), step
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_bad_passthrough_key_is_a_clear_error(tmp_path, data):  # noqa: F811
-    cfg = ds_config(tmp_path, data, deepspeed={"passthrough": {"zero_optimisation": {"stage": 2}}})
+def test_bad_passthrough_key_is_a_clear_error(tmp_path, ds_config):
+    cfg = ds_config(tmp_path, deepspeed={"passthrough": {"zero_optimisation": {"stage": 2}}})
     r = train(cfg, "run.engine=deepspeed")
     assert r.returncode == 2, r.stderr[-3000:]
     assert "DeepSpeed 0.19.8 has no config key 'zero_optimisation'" in r.stderr
     assert "did you mean 'zero_optimization'?" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()                        # checked before any process starts
     r = kscale("launch", cfg, "run.engine=deepspeed", "launcher.cluster=slurm", "launcher.tasks_per_node=2",
-               "--dry-run", env=ENV)                               # and before anything is submitted
+               "--dry-run", env=DEEPSPEED_ENV)                               # and before anything is submitted
     assert r.returncode == 2 and "has no config key 'zero_optimisation'" in r.stderr, r.stderr[-3000:]
 
 
@@ -157,11 +154,12 @@ def test_passthrough_merges_and_conflicts_are_reported():
     assert "overlap_com" in str(e.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,needle", [
     (["run.engine=deepspeed", "parallel.nproc=2", "parallel.tensor=2"], "the deepspeed engine is data parallel only"),
     (["run.engine=deepspeed", "deepspeed.zero_stage=4"], "use 1, 2 or 3"),
     (["run.engine=deepspeed", "deepspeed.offload_params=true"], "parameter offload needs deepspeed.zero_stage=3"),
 ])
-def test_bad_deepspeed_configs_fail_before_any_process_starts(tmp_path, data, overrides, needle):  # noqa: F811
-    r = kscale("train", config(tmp_path, data), *overrides)
+def test_bad_deepspeed_configs_fail_before_any_process_starts(tmp_path, tiny_config, overrides, needle):
+    r = kscale("train", tiny_config(tmp_path), *overrides)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from kronecker_scale.embedding import ByteTable, KroneckerEmbedding, codec_dim, dense_codec
+from kronecker_scale.embedding import ByteTable, KroneckerEmbedding, codec_dim
+from kronecker_scale.embedding.reference import dense_codec
 from kronecker_scale.errors import KScaleError
 
 WORDS = [b"", b"the", b" the", b"The", b"running", "naïve".encode(), "日本".encode(), b"x" * 40, b"a"]

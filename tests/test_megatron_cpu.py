@@ -17,6 +17,8 @@ import torch.multiprocessing as mp
 
 from kronecker_scale.model import megatron_cpu
 
+pytestmark = pytest.mark.slow          # spawned gloo processes; the in-process test imports megatron (~6 s)
+
 SEED = 1234
 VOCAB, SEQ, HIDDEN, HEADS, LAYERS = 64, 16, 32, 4, 2
 GLOBAL_BATCH, STEPS = 4, 3
@@ -286,7 +288,8 @@ def test_cuda_rng_tracker_fork_is_reproducible_and_rank_dependent(tmp_path):
 @pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "tp1_dp2"])
 def test_gpt_trains_like_single_process(tmp_path, reference, tp):
     _, ref = reference
-    _assert_trained(ref["losses"], ref["losses"])
+    assert len(ref["losses"]) == STEPS and all(math.isfinite(x) for x in ref["losses"])
+    assert ref["losses"][-1] < ref["losses"][0]  # the reference itself trains
     assert abs(ref["losses"][0] - math.log(VOCAB)) < 0.5  # untrained model: about uniform
     _spawn(_train_worker, 2, tmp_path, tp, "run")
     runs = [_load(tmp_path, "run", rank) for rank in range(2)]

@@ -10,6 +10,8 @@ import torch.multiprocessing as mp
 
 from tests import megatron_harness as H
 
+pytestmark = pytest.mark.slow          # every test spawns gloo processes (the reference too)
+
 ARMS = {
     "kron_untied": dict(input_layer="kronecker", head="untied", pos_dim=16),
     "kron_ktied": dict(input_layer="kronecker", head="kronecker_tied", pos_dim=16),

@@ -1,15 +1,12 @@
 """Byte tables of real vocabularies (installed from package registries by scripts/setup.sh)."""
-import sys
-from pathlib import Path
-
 import pytest
 
 from kronecker_scale.embedding import ByteTable
 from kronecker_scale.tokenizer import load_tokenizer
 from kronecker_scale.tokenizer.assets import ASSETS, tokenizer_path
+from tiny_runs import real_text
 
-# real English prose that ships with every CPython, plus text that needs 2-, 3- and 4-byte UTF-8
-LICENSE = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "LICENSE.txt"
+# real English prose that ships with every CPython (real_text), plus text that needs 2-, 3- and 4-byte UTF-8
 MULTILINGUAL = "Grüße aus Köln — naïve café, 日本語のテキスト, Ελληνικά, русский текст, emoji 🙂🚀 and\ttabs\n\n  spaces"
 
 EXPECTED = {  # name: (format, vocab size)
@@ -20,7 +17,7 @@ EXPECTED = {  # name: (format, vocab size)
 
 @pytest.fixture(scope="module")
 def english():
-    text = LICENSE.read_text(encoding="utf-8")
+    text = real_text()
     assert len(text) > 10_000
     return text
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import slurm_cluster
-from test_train import REPO, config, data, kscale, losses  # noqa: F401  (data is a fixture)
+from tiny_runs import DEEPSPEED_ENV, REPO, kscale, losses
 
 pytestmark = pytest.mark.slow
 SLURM_TASK = ["launcher.cluster=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=2", "launcher.time_min=15"]
@@ -56,10 +56,10 @@ def job_gone(job_id) -> bool:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data):  # noqa: F811
+def reference(tmp_path_factory, tiny_config):
     """The uninterrupted local run every Slurm run is compared with (2 ranks, 40 steps)."""
     tmp = tmp_path_factory.mktemp("reference")
-    cfg = config(tmp, data, parallel={"nproc": 2}, schedule={"train_steps": 40, "warmup_steps": 2},
+    cfg = tiny_config(tmp, parallel={"nproc": 2}, schedule={"train_steps": 40, "warmup_steps": 2},
                  checkpoint={"every": 100}, eval={"every": 20, "batches": 2})
     r = kscale("train", cfg, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -67,8 +67,8 @@ def reference(tmp_path_factory, data):  # noqa: F811
 
 
 # --- no Slurm needed ------------------------------------------------------------------------------
-def test_dry_run_prints_config_and_sbatch_and_writes_nothing(tmp_path, data):  # noqa: F811
-    cfg = config(tmp_path, data)
+def test_dry_run_prints_config_and_sbatch_and_writes_nothing(tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path)
     r = kscale("launch", cfg, "launcher.cluster=slurm", "launcher.nodes=2", "launcher.gpus_per_node=8",
                "launcher.tasks_per_node=8", "launcher.partition=gpu", "launcher.account=lm", "launcher.qos=high",
                "launcher.constraint=h100", "launcher.exclusive=true", "launcher.env.NCCL_DEBUG=WARN",
@@ -94,19 +94,19 @@ def test_dry_run_prints_config_and_sbatch_and_writes_nothing(tmp_path, data):  #
     (["launcher.cluster=slurm", "launcher.tasks_per_node=3", "parallel.tensor=2"], "divisible by TP x PP = 2"),
     (["launcher.nodes=0"], "launcher.nodes=0 is not possible"),
 ])
-def test_bad_launcher_settings_fail_before_submitting(tmp_path, data, overrides, needle):  # noqa: F811
-    r = kscale("launch", config(tmp_path, data), *overrides)
+def test_bad_launcher_settings_fail_before_submitting(tmp_path, tiny_config, overrides, needle):
+    r = kscale("launch", tiny_config(tmp_path), *overrides)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run").exists()
 
 
-def test_sweep_rejects_per_element_resources_and_bad_elements(tmp_path, data):  # noqa: F811
+def test_sweep_rejects_per_element_resources_and_bad_elements(tmp_path, tiny_config):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("grid:\n  launcher.nodes: [1, 2]\n")
-    r = kscale("launch", config(tmp_path, data), "--sweep", sweep, "--sweep-dir", tmp_path / "sw")
+    r = kscale("launch", tiny_config(tmp_path), "--sweep", sweep, "--sweep-dir", tmp_path / "sw")
     assert r.returncode == 2 and "one job array shares one set of resources" in r.stderr
     sweep.write_text("runs:\n  - {model.d_model: 32}\n  - {model.n_heads: 5}\n")
-    r = kscale("launch", config(tmp_path, data), "--sweep", sweep, "--sweep-dir", tmp_path / "sw")
+    r = kscale("launch", tiny_config(tmp_path), "--sweep", sweep, "--sweep-dir", tmp_path / "sw")
     assert r.returncode == 2 and "sweep element 1" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "sw").exists()                       # nothing written, nothing submitted
 
@@ -160,8 +160,8 @@ def test_job_preempted_twice_resumes_to_the_same_losses(slurm, tmp_path, referen
     assert log.count("preempted by SIGUSR2") == 2 and f"requeue {job_id}: ok" in log
 
 
-def test_sweep_runs_as_a_four_element_job_array(slurm, tmp_path, data):  # noqa: F811
-    cfg = config(tmp_path, data, schedule={"train_steps": 6, "warmup_steps": 1}, eval={"every": 6, "batches": 1},
+def test_sweep_runs_as_a_four_element_job_array(slurm, tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path, schedule={"train_steps": 6, "warmup_steps": 1}, eval={"every": 6, "batches": 1},
                  checkpoint={"every": 0, "save_at_end": False})
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"name": "arms", "grid": {"model.input_layer": ["kronecker", "bpe"],
@@ -201,8 +201,8 @@ def test_sbatch_template_trains_like_launch(slurm, tmp_path, reference):
     assert losses(run) == ref, log[-3000:]
 
 
-def test_debug_cluster_runs_in_process_like_train(tmp_path, data):  # noqa: F811
-    cfg = config(tmp_path, data, schedule={"train_steps": 4, "warmup_steps": 1}, checkpoint={"every": 0})
+def test_debug_cluster_runs_in_process_like_train(tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path, schedule={"train_steps": 4, "warmup_steps": 1}, checkpoint={"every": 0})
     r = kscale("launch", cfg, "launcher.cluster=debug", f"run.dir={tmp_path / 'debug'}", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     r = kscale("train", cfg, f"run.dir={tmp_path / 'local'}", env={"OMP_NUM_THREADS": "1"})
@@ -211,18 +211,17 @@ def test_debug_cluster_runs_in_process_like_train(tmp_path, data):  # noqa: F811
     assert json.loads((tmp_path / "debug" / "slurm" / "job.json").read_text())["cluster"] == "debug"
 
 
-def test_deepspeed_engine_on_slurm_survives_preemption(slurm, tmp_path, data):  # noqa: F811
+def test_deepspeed_engine_on_slurm_survives_preemption(slurm, tmp_path, tiny_config):
     """run.engine=deepspeed (ZeRO-2) through `launch`: preempted once, it ends with the local run's losses."""
-    from test_deepspeed import ENV as DS_ENV
-    cfg = config(tmp_path, data, schedule={"train_steps": 16, "warmup_steps": 2}, checkpoint={"every": 100},
+    cfg = tiny_config(tmp_path, schedule={"train_steps": 16, "warmup_steps": 2}, checkpoint={"every": 100},
                  eval={"every": 8, "batches": 1})
     engine = ["run.engine=deepspeed", "deepspeed.zero_stage=2"]
     r = kscale("train", cfg, "parallel.nproc=2", *engine, f"run.dir={tmp_path / 'local'}",
-               env={**DS_ENV, "OMP_NUM_THREADS": "1"})
+               env={**DEEPSPEED_ENV, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "slurm-run"
     r = kscale("launch", cfg, *SLURM_TASK, "launcher.tasks_per_node=2", *engine, f"run.dir={run}",
-               env={**job_env(), **DS_ENV, "KSCALE_FAULT_STEP_SLEEP_S": "0.5"})
+               env={**job_env(), **DEEPSPEED_ENV, "KSCALE_FAULT_STEP_SLEEP_S": "0.5"})
     assert r.returncode == 0, r.stderr[-3000:]
     job_id = json.loads((run / "slurm" / "job.json").read_text())["job_id"]
     wait_for(lambda: steps_logged(run) >= 4, 300, "step 4")
@@ -233,8 +232,8 @@ def test_deepspeed_engine_on_slurm_survives_preemption(slurm, tmp_path, data):  
     assert losses(run) == losses(tmp_path / "local")
 
 
-def test_local_grid_sweep_runs_and_summarizes_without_wait(tmp_path, data):  # noqa: F811
-    cfg = config(tmp_path, data, schedule={"train_steps": 2, "warmup_steps": 1}, eval={"every": 0},
+def test_local_grid_sweep_runs_and_summarizes_without_wait(tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path, schedule={"train_steps": 2, "warmup_steps": 1}, eval={"every": 0},
                  checkpoint={"every": 0, "save_at_end": False})
     sweep_dir = tmp_path / "sweep"
     r = kscale("launch", cfg, "--grid", "optim.lr=1e-3,3e-3", "--name", "lr", "--sweep-dir", sweep_dir,

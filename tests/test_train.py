@@ -1,64 +1,16 @@
 """`kscale train`: bad configs, bit-exact resume after a kill, crash-safe checkpoints, every arm learns.
 
-Real processes (gloo), a real tokenizer (GPT-2) and real text (CPython's LICENSE + Debian's licence texts).
+Real processes (gloo), a real tokenizer (GPT-2) and real text (CPython's LICENSE + Debian's licence texts):
+the session's `tiny_dataset` and `tiny_config` (conftest.py).
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-LICENSE = Path(sys.base_prefix) / "lib" / "python3.11" / "LICENSE.txt"
+from tiny_runs import REPO, kscale, losses
 
 
-def kscale(*args, env=None, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "kronecker_scale.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-                          timeout=600)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from kronecker_scale.data import prepare_data
-    from kronecker_scale.tokenizer.assets import tokenizer_path
-    root = tmp_path_factory.mktemp("train-data")
-    licences = sorted(Path("/usr/share/common-licenses").glob("*"))
-    (root / "in").mkdir()
-    (root / "in" / "python.txt").write_text(LICENSE.read_text())
-    for f in licences[:6]:
-        if f.is_file():
-            (root / "in" / f"{f.name}.txt").write_bytes(f.read_bytes())
-    (root / "val.txt").write_text(LICENSE.read_text()[:8000])
-    prepare_data(tokenizer_path("gpt2"), [root / "in"], root / "ds", 32, val_inputs=[root / "val.txt"], workers=2)
-    return root / "ds"
-
-
-def config(tmp_path, data, **sections):
-    cfg = {"model": {"n_layers": 2, "d_model": 32, "n_heads": 4, "seq_len": 32, "input_layer": "kronecker",
-                     "head": "untied", "pos_dim": 16},
-           "tokenizer": {"path": "gpt2"},
-           "data": {"train": [{"path": str(data)}], "micro_batch_size": 2, "global_batch_size": 4,
-                    "cache_dir": str(tmp_path / "cache")},
-           "optim": {"lr": 3e-3, "min_lr": 3e-4},
-           "schedule": {"train_steps": 8, "warmup_steps": 2},
-           "checkpoint": {"every": 4}, "eval": {"every": 4, "batches": 2},
-           "logging": {"tensorboard": False}, "run": {"dir": str(tmp_path / "run")}}
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path = tmp_path / "config.yaml"
-    import yaml
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,needle", [
     (["model.foo=1"], "Key 'foo' not in 'GPTConfig'"),
     (["optim.lr=fast"], "key optim.lr"),
@@ -69,13 +21,14 @@ def losses(run_dir):
     (["data.global_batch_size=3"], "multiple of micro_batch_size"),
     (["optim.lr"], "is not key=value"),
 ])
-def test_bad_configs_fail_before_any_process_starts(tmp_path, data, overrides, needle):
-    r = kscale("train", config(tmp_path, data), *overrides)
+def test_bad_configs_fail_before_any_process_starts(tmp_path, tiny_config, overrides, needle):
+    r = kscale("train", tiny_config(tmp_path), *overrides)
     assert r.returncode == 2, r.stderr[-2000:]
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()                      # nothing written
 
 
+@pytest.mark.slow
 def test_missing_and_malformed_config_files(tmp_path):
     r = kscale("train", tmp_path / "nope.yaml")
     assert r.returncode == 2 and "config file not found" in r.stderr
@@ -84,13 +37,14 @@ def test_missing_and_malformed_config_files(tmp_path):
     assert r.returncode == 2 and "malformed YAML" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", [["parallel.nproc=2"], ["parallel.nproc=2", "parallel.tensor=2"],
                                     ["parallel.nproc=2", "parallel.pipeline=2"]], ids=["dp2", "tp2", "pp2"])
-def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path, data, layout):
+def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path, tiny_config, layout):
     straight = tmp_path / "straight"
     straight.mkdir()
-    r = kscale("train", config(straight, data), *layout)
+    r = kscale("train", tiny_config(straight), *layout)
     assert r.returncode == 0, r.stderr[-3000:]
     expected = losses(straight / "run")
     assert sorted(expected) == list(range(1, 9))
@@ -103,7 +57,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path, data, l
     assert expected[8] < expected[1]                            # it learns
     broken = tmp_path / "broken"
     broken.mkdir()
-    cfg = config(broken, data)
+    cfg = tiny_config(broken)
     r = kscale("train", cfg, *layout, env={"KSCALE_FAULT_EXIT_AFTER_STEP": "5"})     # killed after step 5
     assert r.returncode != 0
     assert (broken / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
@@ -113,9 +67,10 @@ def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path, data, l
     assert losses(broken / "run") == expected                   # bit-exact, every step
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_crash_during_checkpoint_write_keeps_latest_on_the_previous_checkpoint(tmp_path, data):
-    cfg = config(tmp_path, data)
+def test_crash_during_checkpoint_write_keeps_latest_on_the_previous_checkpoint(tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path)
     r = kscale("train", cfg, env={"KSCALE_FAULT_CRASH_IN_CHECKPOINT": "8"})
     assert r.returncode != 0
     ckpts = tmp_path / "run" / "checkpoints"
@@ -125,20 +80,22 @@ def test_crash_during_checkpoint_write_keeps_latest_on_the_previous_checkpoint(t
     assert r.returncode == 0 and "resumed from" in r.stdout and "step_00000004" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("arm", ["bpe_tied", "bpe_untied", "kronecker_tied"])
-def test_other_arms_learn(tmp_path, data, arm):
+def test_other_arms_learn(tmp_path, tiny_config, arm):
     model = {"bpe_tied": {"input_layer": "bpe", "head": "tied"}, "bpe_untied": {"input_layer": "bpe", "head": "untied"},
              "kronecker_tied": {"head": "kronecker_tied"}}[arm]
-    r = kscale("train", config(tmp_path, data, model=model))
+    r = kscale("train", tiny_config(tmp_path, model=model))
     assert r.returncode == 0, r.stderr[-3000:]
     got = losses(tmp_path / "run")
     assert got[8] < got[1] - 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_resume_into_another_tensor_parallel_layout(tmp_path, data):
-    cfg = config(tmp_path, data, schedule={"train_steps": 4})
+def test_resume_into_another_tensor_parallel_layout(tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path, schedule={"train_steps": 4})
     assert kscale("train", cfg, "parallel.nproc=2").returncode == 0              # DP=2
     r = kscale("train", cfg, "parallel.nproc=2", "parallel.tensor=2", "schedule.train_steps=6")   # TP=2
     assert r.returncode == 0, r.stderr[-3000:]
@@ -155,11 +112,12 @@ def test_every_shipped_config_is_valid(path):
     assert cfg.model.n_layers % cfg.parallel.pipeline == 0 and cfg.run.name
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_non_finite_loss_is_skipped_and_counted_or_stops_the_run(tmp_path, data):
+def test_non_finite_loss_is_skipped_and_counted_or_stops_the_run(tmp_path, tiny_config):
     skip = tmp_path / "skip"
     skip.mkdir()
-    r = kscale("train", config(skip, data), "run.on_nan=skip", "schedule.train_steps=4",
+    r = kscale("train", tiny_config(skip), "run.on_nan=skip", "schedule.train_steps=4",
                env={"KSCALE_FAULT_NAN_AT_STEP": "2"})
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in (skip / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -167,5 +125,5 @@ def test_non_finite_loss_is_skipped_and_counted_or_stops_the_run(tmp_path, data)
     assert by_step[1]["skipped_steps"] == 0 and by_step[2]["skipped_steps"] == 1 and by_step[4]["skipped_steps"] == 1
     stop = tmp_path / "stop"
     stop.mkdir()
-    r = kscale("train", config(stop, data), "schedule.train_steps=4", env={"KSCALE_FAULT_NAN_AT_STEP": "2"})
+    r = kscale("train", tiny_config(stop), "schedule.train_steps=4", env={"KSCALE_FAULT_NAN_AT_STEP": "2"})
     assert r.returncode == 2 and "loss is not finite at step 2" in r.stderr

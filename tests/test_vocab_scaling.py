@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_train import LICENSE, REPO, kscale, losses
-
-pytestmark = pytest.mark.slow
+from tiny_runs import REPO, kscale, losses, real_text
 
 
+@pytest.mark.slow
 def test_vocab_sweep_end_to_end(tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / "train").mkdir(parents=True)
@@ -19,7 +18,7 @@ def test_vocab_sweep_end_to_end(tmp_path):
     for f in sorted(Path("/usr/share/common-licenses").glob("*"))[:8]:
         if f.is_file():
             (corpus / "train" / f"{f.name}.txt").write_bytes(f.read_bytes())
-    (corpus / "val" / "python.txt").write_text(LICENSE.read_text()[:20000])
+    (corpus / "val" / "python.txt").write_text(real_text()[:20000])
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({
         "model": {"n_layers": 1, "d_model": 32, "n_heads": 4, "seq_len": 32, "pos_dim": 16},
@@ -57,7 +56,7 @@ def test_vocab_sweep_end_to_end(tmp_path):
     assert (out / "vocab_scaling.png").stat().st_size > 10000
     # bits per byte = val loss x tokens / (bytes x ln 2), tokens and bytes of the held-out text
     from kronecker_scale.tokenizer import load_tokenizer
-    val_text = LICENSE.read_text()[:20000]
+    val_text = real_text()[:20000]
     for r in rows:
         e = next(e for e in meta["elements"] if Path(e["run_dir"]).name.endswith(
             f"{r['vocabulary']}-{'kron' if 'kron' in r['arm'] else 'bpe'}"))

@@ -92,6 +92,11 @@ def validate(cfg: DictConfig) -> None:
         bad("run.precision", cfg.run.precision, "use fp32, bf16 or fp16")
     if cfg.run.engine not in ("megatron", "deepspeed"):
         bad("run.engine", cfg.run.engine, "use megatron or deepspeed")
+    if cfg.run.deterministic and cfg.model.deterministic_embedding is False:
+        bad("model.deterministic_embedding", False, "run.deterministic=true needs the deterministic embedding "
+                                                    "backward: leave it unset (null) or true")
+    if cfg.run.device not in ("auto", "cuda", "cpu"):
+        bad("run.device", cfg.run.device, "use auto, cuda or cpu")
     if cfg.run.on_nan not in ("stop", "skip"):
         bad("run.on_nan", cfg.run.on_nan, "use stop or skip")
     if cfg.schedule.decay not in ("cosine", "linear", "constant"):

@@ -90,7 +90,8 @@ class RunConfig:
     engine: str = "megatron"                # megatron | deepspeed
     on_nan: str = "stop"                    # stop | skip (skipped steps are counted and logged)
     max_skipped_steps: int = 10
-    deterministic: bool = False
+    deterministic: bool = False             # torch's deterministic algorithms + the deterministic embedding backward
+    device: str = "auto"                    # auto (CUDA when usable) | cuda (stop if unusable) | cpu
 
 
 @dataclass

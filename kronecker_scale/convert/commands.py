@@ -1,16 +1,9 @@
-"""`kscale convert to-hf|reshard|extract|summary` and `kscale probe typos|geometry|echo|norm-drift`: thin
-layers over kronecker_scale.convert and kronecker_scale.probes (wired into the parser by cli.py)."""
+"""`kscale convert to-hf|reshard|extract|summary`: thin layers over kronecker_scale.convert (wired into the
+parser by cli.py)."""
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
-
-
-def _quiet() -> None:
-    # megatron and torch.distributed.checkpoint warn about Apex/TE and single-process loading on every load
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _print_json(obj) -> None:
@@ -19,9 +12,9 @@ def _print_json(obj) -> None:
 
 # --- convert ------------------------------------------------------------------------------------
 def cmd_to_hf(args) -> int:
-    _quiet()
     from .to_hf import PARITY_TEXT, export_to_hf, kl_ok
-    info = export_to_hf(args.checkpoint, args.out_dir, check_text=None if args.no_check else PARITY_TEXT)
+    info = export_to_hf(args.checkpoint, args.out_dir, check_text=None if args.no_check else PARITY_TEXT,
+                        device=args.device)
     print(f"wrote {args.out_dir}: {info['architecture']} ({info['model_type']}), {info['vocab_size']:,} ids "
           f"({info['padded_rows_dropped']} padded rows dropped), tokenizer: {info['tokenizer']}")
     if "parity" in info:
@@ -33,7 +26,6 @@ def cmd_to_hf(args) -> int:
 
 
 def cmd_reshard(args) -> int:
-    _quiet()
     from .reshard import reshard
     out = reshard(args.checkpoint, args.out_dir, tensor=args.tensor, pipeline=args.pipeline, data=args.data)
     print(f"wrote {out} (TP={args.tensor}, PP={args.pipeline}, DP={args.data}); train from it with "
@@ -43,7 +35,6 @@ def cmd_reshard(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    _quiet()
     from .summary import extract_input_layer
     meta = extract_input_layer(args.checkpoint, args.out)
     print(f"wrote {meta['file']} and {Path(meta['file']).with_suffix('.json')}: projection "
@@ -52,7 +43,6 @@ def cmd_extract(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    _quiet()
     from .summary import checkpoint_summary
     s = checkpoint_summary(args.checkpoint)
     if args.json:
@@ -78,6 +68,8 @@ def add_convert_commands(convert) -> None:
     s.add_argument("checkpoint", help="step folder, checkpoints folder or run folder")
     s.add_argument("out_dir")
     s.add_argument("--no-check", action="store_true", help="skip the logit parity check against the export")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the checkpoint's model runs for the parity check (default cpu, whatever is visible)")
     s.set_defaults(func=cmd_to_hf)
 
     s = convert.add_parser("reshard", help="rewrite a checkpoint in another TP/PP(/DP) layout, offline")
@@ -97,47 +89,3 @@ def add_convert_commands(convert) -> None:
     s.add_argument("checkpoint")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_summary)
-
-
-# --- probes -------------------------------------------------------------------------------------
-def cmd_probe(args) -> int:
-    _quiet()
-    from ..probes import echo, geometry, norm_drift, typos
-    if args.probe == "typos":
-        res = typos.typos_probe(args.pairs or typos.default_pairs(), args.checkpoints, args.out)
-        print(typos.markdown(res))
-    elif args.probe == "geometry":
-        res = geometry.geometry_probe(args.checkpoints, args.out, k=args.k, codec=not args.no_codec,
-                                      random=not args.no_random, pos_dim=args.pos_dim)
-        print(geometry.markdown(res).split("## Neighbours")[0])
-    elif args.probe == "echo":
-        res = echo.echo_probe(args.checkpoints, args.out, new_tokens=args.new_tokens)
-        print(echo.markdown(res).split("\n## ")[0])
-    else:
-        res = norm_drift.norm_drift_probe(args.checkpoints, args.out)
-        print(norm_drift.markdown(res))
-    print("wrote " + ", ".join(res["paths"].values()))
-    return 0
-
-
-def add_probe_commands(sub) -> None:
-    """`kscale probe ...` (sub = the top-level add_subparsers object)."""
-    s = sub.add_parser("probe", help="the paper's probes: typos, geometry, echo, norm-drift (JSON, markdown, PNG)")
-    probes = s.add_subparsers(dest="probe", required=True)
-    t = probes.add_parser("typos", help="spelling robustness over clean/typo prompt pairs")
-    t.add_argument("checkpoints", nargs="+")
-    t.add_argument("--pairs", help="JSON Lines {category, clean, typo} (default: the 121 shipped pairs)")
-    g = probes.add_parser("geometry", help="top-k neighbours of probe words: typographic vs morphological")
-    g.add_argument("checkpoints", nargs="+", help="kscale checkpoints or Hugging Face model folders")
-    g.add_argument("--k", type=int, default=5)
-    g.add_argument("--pos-dim", type=int, default=32, help="pos_dim of the codec space")
-    g.add_argument("--no-codec", action="store_true")
-    g.add_argument("--no-random", action="store_true")
-    e = probes.add_parser("echo", help="generation echo of normal, misspelled and forced-OOV strings")
-    e.add_argument("checkpoints", nargs="+")
-    e.add_argument("--new-tokens", type=int, default=12)
-    n = probes.add_parser("norm-drift", help="input-layer norms across each run's checkpoints")
-    n.add_argument("checkpoints", nargs="+", metavar="RUN", help="run folders (with checkpoints/step_*)")
-    for p in (t, g, e, n):
-        p.add_argument("--out", default="runs/probes", help="output folder")
-        p.set_defaults(func=cmd_probe)

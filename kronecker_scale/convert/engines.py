@@ -18,12 +18,13 @@ import sys
 from pathlib import Path
 
 from ..errors import KScaleError
+from ..inference import read_config, resolve_checkpoint
+from ..launch.offline import offline_rank, run_offline_ranks
 
 # torch, omegaconf and the engines are imported inside the functions: `kscale --help` stays fast
 
 
 def _target_config(step_dir: Path, engine: str, world_size: int, zero_stage: int | None = None):
-    from .load import read_config
     from ..config import validate
     cfg = read_config(step_dir)
     cfg.run.engine = engine
@@ -39,8 +40,7 @@ def _target_config(step_dir: Path, engine: str, world_size: int, zero_stage: int
 def deepspeed_to_megatron(src: str | Path, out_root: str | Path, timeout: float = 1800) -> Path:
     """A deepspeed-engine checkpoint as a megatron-engine checkpoint under out_root; returns its step folder."""
     import torch
-    
-    from .load import resolve_checkpoint
+
     step_dir = resolve_checkpoint(src)
     state = torch.load(step_dir / "trainer_state.pt", weights_only=False)
     if state.get("engine") != "deepspeed":
@@ -54,8 +54,7 @@ def megatron_to_deepspeed(src: str | Path, out_root: str | Path, *, world_size: 
                           zero_stage: int | None = None, timeout: float = 1800) -> Path:
     """A megatron-engine checkpoint (any TP/PP layout) as a deepspeed-engine checkpoint for world_size ranks."""
     import torch
-    
-    from .load import read_config, resolve_checkpoint
+
     step_dir = resolve_checkpoint(src)
     state = torch.load(step_dir / "trainer_state.pt", weights_only=False)
     if state.get("engine", "megatron") != "megatron":
@@ -69,150 +68,53 @@ def megatron_to_deepspeed(src: str | Path, out_root: str | Path, *, world_size: 
 
 
 def _run(direction: str, step_dir: Path, out_root: str | Path, cfg, timeout: float) -> Path:
-    from .reshard import run_offline_ranks
     return run_offline_ranks("kronecker_scale.convert.engines", [direction, str(step_dir)], step_dir, out_root, cfg,
                              timeout, direction)
 
 
-# --- the megatron side: whole tensors by name ---------------------------------------------------------
-def _adam_slots(optimizer) -> list[tuple]:
-    """(model param, main fp32 param, torch optimizer) of a megatron (non-distributed) optimizer."""
-    out = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if hasattr(opt, "float16_groups"):             # bf16/fp16: fp32 main copies
-            pairs = [(m, f) for mg, fg in zip(opt.float16_groups, opt.fp32_from_float16_groups) for m, f in zip(mg, fg)]
-            pairs += [(p, p) for g in opt.fp32_from_fp32_groups for p in g]
-        else:
-            pairs = [(p, p) for g in opt.optimizer.param_groups for p in g["params"]]
-        out += [(m, f, opt.optimizer) for m, f in pairs]
-    return out
-
-
-def megatron_full_state(core_model, optimizer) -> dict:
-    by_id = {id(m): (f, inner) for m, f, inner in _adam_slots(optimizer)}
-    tensors, steps = {}, set()
-    for name, p in core_model.named_parameters():
-        main, inner = by_id[id(p)]
-        st = inner.state.get(main, {})
-        entry = {"param": main.detach().float().cpu().clone()}
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in st:
-                entry[key] = st[key].detach().float().cpu().clone()
-        if "step" in st:
-            steps.add(int(st["step"]))
-        tensors[name] = entry
-    return {"tensors": tensors, "adam_step": max(steps) if steps else 0}
-
-
-def set_megatron_full_state(core_model, optimizer, state: dict) -> None:
-    import torch
-    by_id = {id(m): (f, inner) for m, f, inner in _adam_slots(optimizer)}
-    with torch.no_grad():
-        for name, p in core_model.named_parameters():
-            entry = state["tensors"][name]
-            main, inner = by_id[id(p)]
-            main.copy_(entry["param"].to(main.dtype))
-            p.copy_(entry["param"].to(p.dtype))
-            if "exp_avg" in entry:
-                inner.state[main] = {"step": torch.tensor(float(state["adam_step"])),
-                                     "exp_avg": entry["exp_avg"].to(main.dtype).clone(),
-                                     "exp_avg_sq": entry["exp_avg_sq"].to(main.dtype).clone()}
-
-
-def _build_megatron(cfg):
-    import torch
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
-    from ..train import common
-    ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    torch.manual_seed(cfg.run.seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
-    model_cfg, tok, byte_table = common.model_inputs(cfg)
-    from .reshard import _ModelAndOptimizer
-    return _ModelAndOptimizer(cfg, model_cfg, byte_table, tok.vocab_size), byte_table
-
-
 # --- one rank -----------------------------------------------------------------------------------------
-def _to_megatron(step_dir: Path, out_root: Path, cfg) -> None:
-    from omegaconf import OmegaConf
+def _convert_rank(direction: str, step_dir: Path, out_root: Path, cfg) -> None:
+    """Load with the source engine, take whole tensors by name, write them with the target engine."""
+    import torch
     from megatron.core import parallel_state as ps
+    from omegaconf import OmegaConf
 
     from ..train import checkpoint
-    from ..train import deepspeed_adapter as ds
-    from ..train.deepspeed_engine import DeepSpeedTrainer
-    source = DeepSpeedTrainer(OmegaConf.merge(cfg, {"run": {"engine": "deepspeed"}}), with_data=False)
-    source.load(step_dir)
-    full = ds.full_state(source.engine)
+    from ..train.engine import build_engine
+    from ..train.loop import save_checkpoint
+    from .reshard import offline_inputs
+    inputs = offline_inputs(cfg, step_dir)
+    source_engine = "deepspeed" if direction == "to_megatron" else "megatron"
+    source = build_engine(OmegaConf.merge(cfg, {"run": {"engine": source_engine}}), inputs)
+    source.read_checkpoint(step_dir)
+    full = source.full_state()
     del source
     ps.destroy_model_parallel()
-    built, byte_table = _build_megatron(cfg)
-    set_megatron_full_state(built.core_model, built.optimizer, full)
+    target = build_engine(cfg, inputs)
+    if direction == "to_deepspeed":
+        _create_adam_state(target, cfg, inputs.model_cfg.seq_len)
+    target.set_full_state(full)
     state = checkpoint.read_run_state(step_dir)            # also restores this rank's RNG states
-    _save_state = {k: v for k, v in state.items() if k not in ("rng_restored", "engine", "zero_stage")}
-    checkpoint.save(out_root, state["step"], built.core_model, built.optimizer, _save_state, OmegaConf.to_yaml(cfg),
-                    byte_table, keep_last=0)
+    state = {k: v for k, v in state.items() if k not in ("rng_restored", "engine", "zero_stage")}
+    state.update(world_size=torch.distributed.get_world_size(), **target.run_state())
+    save_checkpoint(target, cfg, inputs, out_root, state, keep_last=0)
 
 
-def _to_deepspeed(step_dir: Path, out_root: Path, cfg) -> None:
-    import torch
-    from omegaconf import OmegaConf
-    from megatron.core import parallel_state as ps
-
-    from ..train import checkpoint
-    from ..train.deepspeed_engine import DeepSpeedTrainer
-    built, _ = _build_megatron(OmegaConf.merge(cfg, {"run": {"engine": "megatron"}}))
-    checkpoint.load(step_dir, built.core_model, built.optimizer)
-    full = megatron_full_state(built.core_model, built.optimizer)
-    del built
-    ps.destroy_model_parallel()
-    target = DeepSpeedTrainer(cfg, with_data=False)
-    _create_adam_state(target)
-    target.ds.set_full_state(target.engine, full)
-    state = checkpoint.read_run_state(step_dir)
-    state = {k: v for k, v in state.items() if k != "rng_restored"}
-    state.update(engine="deepspeed", zero_stage=int(cfg.deepspeed.zero_stage),
-                 world_size=torch.distributed.get_world_size())
-    target.ckpt_dir = out_root
-    target.cfg.checkpoint.keep_last = 0
-    target.save(state["step"], state["tokens"], state["skipped_steps"], state=state)
-
-
-def _create_adam_state(trainer) -> None:
+def _create_adam_state(engine, cfg, seq_len: int) -> None:
     """torch's AdamW creates its state on the first step: take one with learning rate 0 on a dummy batch
     (the weights do not move: the update and the decoupled decay are both multiplied by lr = 0)."""
     import torch
-    cfg = trainer.cfg
-    trainer.ds.set_learning_rate(trainer.engine, 0.0)
-    shape = (cfg.data.micro_batch_size, trainer.model_cfg.seq_len)
+    engine.set_learning_rate(0.0)
+    shape = (cfg.data.micro_batch_size, seq_len)
     dummy = iter(lambda: {"tokens": torch.zeros(shape, dtype=torch.long), "labels": torch.zeros(shape, dtype=torch.long)},
                  None)
-    trainer.train_step(dummy, poison=False)
-    trainer.engine.step()
-
-
-def _run_rank(direction: str, step_dir: Path, out_root: Path, resolved: Path) -> int:
-    import torch
-    from omegaconf import OmegaConf
-    from megatron.core import parallel_state as ps
-
-    from ..config import TrainConfig
-    from ..train.trainer import init_distributed
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(resolved))
-    init_distributed()
-    try:
-        (_to_megatron if direction == "to_megatron" else _to_deepspeed)(step_dir, out_root, cfg)
-    except KScaleError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        ps.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
-    return 0
+    engine.forward_backward(dummy)
+    engine.optimizer_step(True)
 
 
 if __name__ == "__main__":
-    sys.exit(_run_rank(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])))
+    direction, step, out, resolved = sys.argv[1], *map(Path, sys.argv[2:5])
+    sys.exit(offline_rank(lambda cfg: _convert_rank(direction, step, out, cfg), resolved))
 
 
 # --- `kscale convert` subcommands ---------------------------------------------------------------------

@@ -10,24 +10,14 @@ checkpoint folder under OUT (`OUT/step_XXXXXXXX` + `OUT/latest`); train from it 
 """
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from ..errors import KScaleError
-from .load import read_config, resolve_checkpoint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..inference import read_config, resolve_checkpoint
+from ..launch.offline import offline_rank, run_offline_ranks
 
 
 def target_config(step_dir: Path, tensor: int, pipeline: int, data: int = 1, sequence: bool | None = None):
@@ -50,105 +40,35 @@ def reshard(checkpoint: str | Path, out_root: str | Path, *, tensor: int, pipeli
                              "reshard")
 
 
-def run_offline_ranks(module: str, args: list[str], step_dir: Path, out_root: str | Path, cfg, timeout: float,
-                      what: str) -> Path:
-    """Start cfg.parallel.nproc gloo ranks of `python -m module *args OUT_ROOT CONFIG` (the config written
-    to a hidden file in OUT_ROOT) and wait; returns the checkpoint they wrote under OUT_ROOT."""
-    from ..train.checkpoint import latest_checkpoint
-    out_root = Path(out_root)
-    if out_root.resolve() == step_dir.parent.resolve():
-        raise KScaleError("the output folder is the checkpoint's own folder", where=str(out_root),
-                          fix="write the new checkpoint into a new folder")
-    out_root.mkdir(parents=True, exist_ok=True)
-    resolved = out_root / f".{what}-config.yaml"
-    resolved.write_text(OmegaConf.to_yaml(cfg))
-    n = cfg.parallel.nproc
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
-           "OMP_NUM_THREADS": threads}
-    procs = [subprocess.Popen([sys.executable, "-m", module, *args, str(out_root), str(resolved)],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True,
-                              stderr=subprocess.PIPE, text=True)
-             for r in range(n)]
-    failed = _wait(procs, timeout)
-    resolved.unlink(missing_ok=True)
-    if failed is not None:
-        rank, code, err = failed
-        raise KScaleError(f"{what} failed on rank {rank} (exit status {code}): {err.strip()[-1500:]}",
-                          where=str(step_dir))
-    return latest_checkpoint(out_root)
-
-
-def _wait(procs, timeout: float):
-    """None when every rank exits 0; else (rank, code, stderr) of the first failure (the rest are stopped)."""
-    deadline = time.time() + timeout
-    while True:
-        codes = [p.poll() for p in procs]
-        bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-        if bad or time.time() > deadline:
-            for p in procs:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            rank, code = bad[0] if bad else (0, "timeout")
-            return rank, code, procs[rank].communicate()[1] or ""
-        if all(c == 0 for c in codes):
-            for p in procs:
-                p.communicate()
-            return None
-        time.sleep(0.2)
-
-
-def _run_rank(step_dir: Path, out_root: Path, resolved: Path) -> int:
-    """One rank: build model + optimizer in the new layout, load, save."""
-    import torch
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
-    from ..config import TrainConfig
+def offline_inputs(cfg, step_dir: Path):
+    """The model inputs of a checkpoint: its own byte table (Kronecker) or the tokenizer's size (BPE)."""
     from ..embedding import ByteTable
     from ..model.config import GPTConfig
     from ..tokenizer import load_tokenizer
     from ..tokenizer.assets import tokenizer_path
+    from ..train.inputs import ModelInputs
+    model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))
+    if model_cfg.input_layer == "kronecker":
+        byte_table = ByteTable.load(step_dir / "byte_table.safetensors")
+        return ModelInputs(model_cfg, byte_table.num_token_ids, byte_table)
+    return ModelInputs(model_cfg, load_tokenizer(tokenizer_path(cfg.tokenizer.path)).vocab_size, None)
+
+
+def _reshard_rank(step_dir: Path, out_root: Path, cfg) -> None:
+    """Build the engine in the new layout, load, save."""
+    import torch
+
     from ..train import checkpoint
-    from ..train.trainer import init_distributed
-
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(resolved))
-    init_distributed()
-    try:
-        p = cfg.parallel
-        ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline)
-        torch.manual_seed(cfg.run.seed)
-        tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
-        model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))
-        byte_table = ByteTable.load(step_dir / "byte_table.safetensors") if model_cfg.input_layer == "kronecker" \
-            else None
-        vocab = load_tokenizer(tokenizer_path(cfg.tokenizer.path)).vocab_size if byte_table is None else None
-        built = _ModelAndOptimizer(cfg, model_cfg, byte_table, vocab)
-        state = checkpoint.load(step_dir, built.core_model, built.optimizer)
-        state.pop("rng_restored", None)
-        state["world_size"] = torch.distributed.get_world_size()
-        checkpoint.save(out_root, state["step"], built.core_model, built.optimizer, state, OmegaConf.to_yaml(cfg),
-                        byte_table, keep_last=0)
-    except KScaleError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        ps.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
-    return 0
-
-
-class _ModelAndOptimizer:
-    """The trainer's model, DDP wrapper and optimizer for a config, without its data: the trainer's own
-    builder (Trainer._build_model reads cfg, model_cfg and byte_table), so the optimizer matches."""
-
-    def __init__(self, cfg, model_cfg, byte_table, vocab_size):
-        from ..train.trainer import Trainer
-        self.cfg, self.model_cfg, self.byte_table = cfg, model_cfg, byte_table
-        Trainer._build_model(self, vocab_size)
+    from ..train.loop import save_checkpoint
+    from ..train.megatron_engine import MegatronEngine
+    inputs = offline_inputs(cfg, step_dir)
+    engine = MegatronEngine(cfg, inputs)
+    state = checkpoint.load(step_dir, engine.read_checkpoint)
+    state.pop("rng_restored", None)
+    state["world_size"] = torch.distributed.get_world_size()
+    save_checkpoint(engine, cfg, inputs, out_root, state, keep_last=0)
 
 
 if __name__ == "__main__":
-    sys.exit(_run_rank(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])))
+    step, out, resolved = map(Path, sys.argv[1:4])
+    sys.exit(offline_rank(lambda cfg: _reshard_rank(step, out, cfg), resolved))

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..errors import KScaleError
-from .load import read_config, read_tensors, resolve_checkpoint, tensor_shapes
+from ..inference import read_config, read_tensors, resolve_checkpoint, tensor_shapes
 
 INPUT_KEY = "embedding.word_embeddings.weight"
 HEAD_KEY = "output_layer.weight"

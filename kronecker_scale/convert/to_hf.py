@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import KScaleError
-from .load import LoadedCheckpoint, load_checkpoint
+from ..inference import LoadedCheckpoint, load_checkpoint
 
 ARCHITECTURES = {
     "gpt2": {"position": "learned_absolute", "norm": "layernorm", "activation": "gelu"},
@@ -206,7 +206,8 @@ def save_tokenizer(ck: LoadedCheckpoint, out: Path) -> str:
     return f"copied {src.name} into kscale_tokenizer/ (format {type(ck.tokenizer).__name__}: not AutoTokenizer-readable)"
 
 
-def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, check_text: str | None = None) -> dict:
+def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, check_text: str | None = None,
+                 device: str = "cpu") -> dict:
     """Write config.json, model.safetensors, the tokenizer and kscale_export.json into out_dir.
 
     check_text: when given, reload the export with stock transformers and compare logits on it.
@@ -214,7 +215,7 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, check_text: str
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise KScaleError("output folder is not empty", where=str(out), fix="choose a new folder or empty it")
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint, device)
     model = hf_model(ck)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)

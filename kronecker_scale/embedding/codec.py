@@ -1,4 +1,5 @@
-"""The Kronecker codec of DESIGN.md §2: the dense reference and its closed form.
+"""The Kronecker codec of DESIGN.md §2 in closed form: the runtime math (the materialised reference is
+reference.py).
 
 For a token with L bytes b_0..b_{L-1} (P = pos_dim, D = 256 * P), the reference builds the D-wide
 code x with L entries s(L) at index b_p * P + p, z-normalizes it, and projects it with W [D, d].
@@ -7,14 +8,16 @@ L, so
 
     e_t = alpha(L) * sum_{p<L} W[b_p * P + p] + beta(L) * S,     S = sum_j W[j]
 
-`scale_tables` gives alpha and beta for L = 0..P; `dense_codec` is the reference (materialises
-[N, D]), used by the tests and the `dense` implementation.
+`scale_tables` gives alpha and beta for L = 0..P; `kronecker_embed_torch` is that formula in torch
+(an `embedding_bag` over the <= P valid rows per token): the CPU path of KroneckerEmbedding, the
+table that megatron's input layer and the exporters materialise, and what the probes embed with.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 NUM_BYTE_VALUES = 256
 
@@ -62,29 +65,36 @@ def flat_codec_index(token_bytes: torch.Tensor) -> torch.Tensor:
     return token_bytes.long() * P + pos
 
 
-def dense_codec(
-    token_bytes: torch.Tensor,
-    lengths: torch.Tensor,
-    *,
-    length_normalize: bool = True,
-    z_normalize: bool = True,
-    eps: float = 1e-6,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """The reference package's codec, materialised: [N, D] in `dtype` (the reference uses fp32).
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
-    token_bytes: uint8 [N, P]; lengths: [N] (bytes at positions >= L are ignored).
+
+def kronecker_embed_torch(token_bytes: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor,
+                          alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Closed form for explicit bytes: uint8 [N, P], lengths [N], weight [D, d] -> [N, d] in weight dtype.
+
+    alpha/beta are the [P + 1] scale tables (any float dtype; used in the compute dtype). `weight` may
+    be a column slice of the full projection (tensor-parallel shard). No [N, D] tensor; fp32
+    accumulation for half types.
     """
     N, P = token_bytes.shape
-    D = codec_dim(P)
-    L = lengths.to(torch.int64).reshape(N, 1)
-    valid = torch.arange(P, device=token_bytes.device) < L
-    value = torch.rsqrt(L.clamp_min(1).to(dtype)) if length_normalize else torch.ones_like(L, dtype=dtype)
-    src = valid.to(dtype) * value
-    x = torch.zeros(N, D, dtype=dtype, device=token_bytes.device)
-    x.scatter_add_(1, flat_codec_index(token_bytes), src)
-    if z_normalize:
-        mean = x.mean(dim=-1, keepdim=True)
-        std = (x - mean).std(dim=-1, keepdim=True) + eps
-        x = (x - mean) / std
-    return x
+    cdt = _compute_dtype(weight.dtype)
+    w = weight.to(cdt)
+    L = lengths.to(torch.int64)
+    valid = torch.arange(P, device=token_bytes.device) < L[:, None]
+    rows = flat_codec_index(token_bytes)[valid]                       # [sum L], token-major order
+    offsets = torch.zeros(N, dtype=torch.int64, device=token_bytes.device)
+    if N > 1:
+        offsets[1:] = torch.cumsum(L, 0)[:-1]
+    a, b = alpha.to(device=w.device, dtype=cdt)[L], beta.to(device=w.device, dtype=cdt)[L]
+    out = F.embedding_bag(rows, w, offsets, mode="sum", per_sample_weights=a.repeat_interleave(L))
+    out = out + b[:, None] * w.sum(0)          # beta = 0 without z-normalization; no branch, no host sync
+    return out.to(weight.dtype)
+
+
+def __getattr__(name: str):
+    # `dense_codec` lived here before reference.py; old imports of it from this module keep working
+    if name == "dense_codec":
+        from .reference import dense_codec
+        return dense_codec
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,59 +1,24 @@
 """KroneckerEmbedding: nn.Embedding's contract, one [256 * pos_dim, d] projection, no V x d table.
 
-Implementations (all compute DESIGN.md §2):
-- `dense`: materialises the normalized [N, D] code, then a matmul: the reference semantics.
-- `torch`: the closed form, `F.embedding_bag` over the <= P valid rows of each token weighted by
-  alpha(L), plus beta(L) * colsum(W). No [N, D] tensor; fp32 accumulation for half types.
+The single-device module. Implementations (all compute DESIGN.md §2):
+- `torch`: the closed form, codec.kronecker_embed_torch (embedding_bag over the <= P valid rows of
+  each token weighted by alpha(L), plus beta(L) * colsum(W)); `auto` picks it off CUDA.
 - `triton`: the fused kernels in `kronecker_scale.kernels` (CUDA; chosen by `auto` there).
+- `dense`: the materialised reference, reference.kronecker_embed_dense ([N, D] code, then a matmul).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KScaleError
 from .byte_table import ByteTable, utf8_safe_truncate
-from .codec import codec_dim, dense_codec, flat_codec_index, scale_tables
+from .codec import codec_dim, kronecker_embed_torch, scale_tables
+from .reference import kronecker_embed_dense
 
 IMPLS = ("auto", "dense", "torch", "triton")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def kronecker_embed_torch(token_bytes: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor,
-                          alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """Closed form for explicit bytes: uint8 [N, P], lengths [N], weight [D, d] -> [N, d] in weight dtype.
-
-    alpha/beta are the [P + 1] scale tables (any float dtype; used in the compute dtype). `weight` may
-    be a column slice of the full projection (tensor-parallel shard).
-    """
-    N, P = token_bytes.shape
-    cdt = _compute_dtype(weight.dtype)
-    w = weight.to(cdt)
-    L = lengths.to(torch.int64)
-    valid = torch.arange(P, device=token_bytes.device) < L[:, None]
-    rows = flat_codec_index(token_bytes)[valid]                       # [sum L], token-major order
-    offsets = torch.zeros(N, dtype=torch.int64, device=token_bytes.device)
-    if N > 1:
-        offsets[1:] = torch.cumsum(L, 0)[:-1]
-    a, b = alpha.to(device=w.device, dtype=cdt)[L], beta.to(device=w.device, dtype=cdt)[L]
-    out = F.embedding_bag(rows, w, offsets, mode="sum", per_sample_weights=a.repeat_interleave(L))
-    out = out + b[:, None] * w.sum(0)          # beta = 0 without z-normalization; no branch, no host sync
-    return out.to(weight.dtype)
-
-
-def kronecker_embed_dense(token_bytes: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor, *,
-                          length_normalize: bool, z_normalize: bool, eps: float) -> torch.Tensor:
-    """Reference semantics: codec in fp32 (fp64 for an fp64 weight), cast to the weight dtype, matmul."""
-    codec_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    x = dense_codec(token_bytes, lengths, length_normalize=length_normalize, z_normalize=z_normalize,
-                    eps=eps, dtype=codec_dtype)
-    return x.to(weight.dtype) @ weight
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:

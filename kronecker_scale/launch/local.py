@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,18 +17,18 @@ from omegaconf import OmegaConf
 
 from ..config import load_config, to_yaml
 from ..errors import KScaleError
+from .ranks import signal_ranks, start_ranks
 
 PREEMPTED_EXIT = 3     # a rank's exit status after a checkpoint-and-stop on the preemption signal
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare_run(config_path, overrides, nproc: int | None = None):
+    """The validated config, checked against this machine (a local run) and the engine's library, then
+    written to the run directory: nothing is written when a check fails."""
     cfg = load_config(config_path, list(overrides) + ([f"parallel.nproc={nproc}"] if nproc else []))
+    if cfg.launcher.cluster == "local" and "RANK" not in os.environ:
+        from ..distributed import resolve_device
+        resolve_device(cfg.run.device, local_ranks=cfg.parallel.nproc)   # a Slurm job checks on its nodes
     check_engine(cfg)
     return cfg, write_resolved(cfg)
 
@@ -47,7 +46,9 @@ def write_resolved(cfg) -> Path:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.yaml"
-    tmp = resolved.with_suffix(f".yaml.{os.getpid()}.tmp")          # srun starts every rank with the same path
+    # srun starts every rank with the same path, possibly on a shared filesystem: a name per job, host, rank
+    unique = f"{os.environ.get('SLURM_JOB_ID', 'local')}.{socket.gethostname()}.{os.environ.get('RANK', 0)}"
+    tmp = resolved.with_suffix(f".yaml.{unique}.{os.getpid()}.tmp")
     tmp.write_text(to_yaml(cfg))
     os.replace(tmp, resolved)
     return resolved
@@ -56,22 +57,31 @@ def write_resolved(cfg) -> Path:
 def run_rank(resolved_config: str | Path, overrides=()) -> int:
     """One rank: called in each process. Returns 0, 2 (bad input) or PREEMPTED_EXIT (checkpoint saved on
     the preemption signal; run again to resume)."""
+    from .. import quiet
+    quiet.install(os.environ.get("KSCALE_VERBOSE") == "1")     # before megatron and DeepSpeed are imported
     import torch
 
     from ..config import TrainConfig, validate
-    from ..train import preemption
-    from ..train.trainer import Trainer, init_distributed
+    from ..distributed import destroy_distributed, init_distributed
+    from ..train import hooks, preemption
+    from ..train.loop import TrainingRun
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(resolved_config),
                           OmegaConf.from_dotlist(list(overrides)))
     validate(cfg)
     preemption.install_handler()
-    init_distributed()
-    rank = torch.distributed.get_rank()
     try:
-        engine = Trainer
-        if cfg.run.engine == "deepspeed":                   # DeepSpeed is imported only when used
-            from ..train.deepspeed_engine import DeepSpeedTrainer as engine
-        engine(cfg).train(console=print if rank == 0 or _is_logger() else (lambda *a, **k: None))
+        device = init_distributed(_requested_device(cfg))
+    except KScaleError as e:                   # e.g. run.device=cuda on a node without a usable GPU
+        print(f"error (rank {os.environ.get('RANK', 0)}, {socket.gethostname()}): {e}", file=sys.stderr, flush=True)
+        return 2
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        if line := quiet.summary():
+            print(line, file=sys.stderr, flush=True)
+        print(f"device: {device} ({'NCCL' if device == 'cuda' else 'gloo'}), world size "
+              f"{torch.distributed.get_world_size()}", flush=True)
+    try:
+        TrainingRun(cfg, hooks.from_environment()).run()
     except KScaleError as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 2
@@ -80,57 +90,41 @@ def run_rank(resolved_config: str | Path, overrides=()) -> int:
             print(f"{e}; the run resumes from it when started again", flush=True)
         return PREEMPTED_EXIT
     finally:
-        from megatron.core import parallel_state
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
+        destroy_distributed()
     return 0
 
 
-def _is_logger() -> bool:
-    from megatron.core import parallel_state as ps
-    return ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
-        and ps.get_data_parallel_rank() == 0
+def _requested_device(cfg) -> str:
+    """run.device, where a Slurm job given GPUs (launcher.gpus_per_node > 0) means CUDA: checked on the
+    compute node as the job starts (a login node often has no GPU, so submitting never needs one)."""
+    la = cfg.launcher
+    if cfg.run.device == "auto" and la.cluster == "slurm" and la.gpus_per_node > 0:
+        return "cuda"
+    return cfg.run.device
 
 
 def train(config_path, overrides=(), nproc: int | None = None) -> int:
     cfg, resolved = prepare_run(config_path, overrides, nproc)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:       # started by torchrun / srun
         return run_rank(resolved)
-    n = cfg.parallel.nproc
-    # share the cores: more OpenMP threads than cores across ranks stalls everything on small machines
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
-           "LOCAL_WORLD_SIZE": str(n), "OMP_NUM_THREADS": threads}
-    # each rank leads its own process group, so stopping a rank also stops what it spawned (megatron's
-    # checkpoint writer starts a multiprocessing Manager that would otherwise outlive a killed rank)
-    procs = [subprocess.Popen([sys.executable, "-m", "kronecker_scale.launch.local", str(resolved)],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
-             for r in range(n)]
-
-    def stop_all(sig=signal.SIGTERM):
-        for p in procs:
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
-
+    procs = start_ranks("kronecker_scale.launch.local", [str(resolved)], cfg.parallel.nproc)
     try:
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
-                stop_all()
+                signal_ranks(procs)
                 deadline = time.time() + 10
                 while any(p.poll() is None for p in procs) and time.time() < deadline:
                     time.sleep(0.1)
-                stop_all(signal.SIGKILL)
+                signal_ranks(procs, signal.SIGKILL)
                 return failed[0]
             if all(c == 0 for c in codes):
-                stop_all(signal.SIGKILL)            # leftovers of finished ranks, if any
+                signal_ranks(procs, signal.SIGKILL)            # leftovers of finished ranks, if any
                 return 0
             time.sleep(0.2)
     except KeyboardInterrupt:
-        stop_all()
+        signal_ranks(procs)
         raise
 
 

@@ -89,6 +89,8 @@ class TrainTask:
                 raise RuntimeError(f"training exited with status {code}")
             return {"run_dir": str(Path(self.resolved_config).parent)}
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        # one OpenMP thread per CPU of the task, not one per core of the node for every rank
+        os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         overrides = []
         if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
             overrides.append("checkpoint.resume=auto")   # a requeued job continues from its own `latest`

@@ -125,9 +125,10 @@ def _rng_filter(record: logging.LogRecord) -> bool:
     return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
-def enable() -> None:
-    """Install every patch for this process (idempotent; a no-op when CUDA is available)."""
-    if _mode is not None or torch.cuda.is_available():
+def enable(force: bool = False) -> None:
+    """Install every patch for this process (idempotent; a no-op when CUDA is available, unless `force`:
+    a tool that runs a model on the CPU of a GPU node)."""
+    if _mode is not None or (torch.cuda.is_available() and not force):
         return
     try:
         _install()

@@ -83,8 +83,8 @@ def plot(res: dict):
     return draw
 
 
-def echo_probe(checkpoint_paths, out_dir, new_tokens: int = 12) -> dict:
-    from ..convert.load import load_checkpoint
-    res = run_echo([load_checkpoint(p) for p in checkpoint_paths], new_tokens=new_tokens)
+def echo_probe(checkpoint_paths, out_dir, new_tokens: int = 12, device: str = "cpu") -> dict:
+    from ..inference import load_checkpoint
+    res = run_echo([load_checkpoint(p, device) for p in checkpoint_paths], new_tokens=new_tokens)
     res["paths"] = {k: str(v) for k, v in write_outputs(out_dir, "echo", res, markdown(res), plot(res)).items()}
     return res

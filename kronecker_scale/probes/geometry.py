@@ -179,16 +179,17 @@ def plot(res: dict):
     return draw
 
 
-def spaces_for(sources: list[str], *, codec: bool, random: bool, pos_dim: int = 32) -> list[Space]:
+def spaces_for(sources: list[str], *, codec: bool, random: bool, pos_dim: int = 32,
+               device: str = "cpu") -> list[Space]:
     """Spaces from kscale checkpoints / HF model folders, plus the codec and random baselines of the
     first source's tokenizer."""
-    from ..convert.load import load_checkpoint
+    from ..inference import load_checkpoint
     spaces, first = [], None
     for src in sources:
         if (Path(src) / "config.json").is_file():
             space = _hf_space(src)
         else:
-            ck = load_checkpoint(src)
+            ck = load_checkpoint(src, device)
             label = f"{Path(ck.path).parent.parent.name}@{ck.step}"
             if ck.model_cfg.input_layer == "kronecker":
                 space = KroneckerModelSpace(ck, name=label)
@@ -224,7 +225,7 @@ def _hf_space(folder) -> Space:
 
 
 def geometry_probe(sources, out_dir, *, k: int = 5, codec: bool = True, random: bool = True, pos_dim: int = 32,
-                   families: dict | None = None) -> dict:
-    res = run_geometry(spaces_for(sources, codec=codec, random=random, pos_dim=pos_dim), families or PROBE_FAMILIES, k)
+                   families: dict | None = None, device: str = "cpu") -> dict:
+    res = run_geometry(spaces_for(sources, codec=codec, random=random, pos_dim=pos_dim, device=device), families or PROBE_FAMILIES, k)
     res["paths"] = {k_: str(v) for k_, v in write_outputs(out_dir, "geometry", res, markdown(res), plot(res)).items()}
     return res

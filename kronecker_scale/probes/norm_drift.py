@@ -28,7 +28,7 @@ def checkpoints_of(run: str | Path) -> list[Path]:
 
 
 def weight_stats(step_dir: Path) -> dict:
-    from ..convert.load import read_config, read_tensors
+    from ..inference import read_config, read_tensors
     from ..embedding import ByteTable, kronecker_embed_torch
     from ..embedding.codec import scale_tables
     cfg = read_config(step_dir)

@@ -115,10 +115,10 @@ def plot(res: dict):
     return draw
 
 
-def typos_probe(pairs_path, checkpoint_paths, out_dir) -> dict:
-    from ..convert.load import load_checkpoint
+def typos_probe(pairs_path, checkpoint_paths, out_dir, device: str = "cpu") -> dict:
+    from ..inference import load_checkpoint
     pairs = read_pairs(pairs_path)
-    checkpoints = [load_checkpoint(p) for p in checkpoint_paths]
+    checkpoints = [load_checkpoint(p, device) for p in checkpoint_paths]
     res = run_typos(pairs, checkpoints)
     res["pairs_file"] = str(pairs_path)
     res["paths"] = {k: str(v) for k, v in write_outputs(out_dir, "typos", res, markdown(res), plot(res)).items()}

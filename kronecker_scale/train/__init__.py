@@ -1,2 +1,3 @@
-"""Training: the megatron-engine loop (trainer.py), checkpoints (checkpoint.py), metrics (metrics.py),
-preemption handling (preemption.py) and run reports (report.py)."""
+"""Training: the one loop (loop.py) over the engine contract (engine.py) and its two engines
+(megatron_engine.py, deepspeed_engine.py + deepspeed_adapter.py); what a run reads (inputs.py), the
+schedule, NaN policy and step records; checkpoints, metrics, preemption, fault hooks and run reports."""

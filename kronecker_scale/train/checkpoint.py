@@ -1,8 +1,9 @@
-"""Checkpoints of the megatron engine: megatron dist_checkpointing for model and optimizer (so a
-checkpoint loads into another TP/PP layout), plus what a resume needs to continue exactly.
+"""Checkpoints of both engines: the engine writes its model and optimizer (megatron: dist_checkpointing,
+which loads into another TP/PP layout; deepspeed: its ZeRO files), this module adds what a resume needs
+to continue exactly and makes the whole folder appear at once.
 
 Layout of one checkpoint, `checkpoints/step_00000100/`:
-    (dist_checkpointing files)    model + optimizer, sharded
+    (engine files)                model + optimizer
     trainer_state.pt              step, tokens, skipped steps, data-loader state (rank 0)
     rng/rank_XXXXX.pt             each rank's RNG states (restored when the world size is unchanged)
     config.yaml                   the resolved config
@@ -69,19 +70,38 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def save(root: Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str, byte_table=None,
-         keep_last: int = 3) -> Path:
-    """Collective: every rank calls it."""
-    from megatron.core import dist_checkpointing
+def save(root: Path, step: int, write_engine_state, trainer_state: dict, config_yaml: str, byte_table=None, *,
+         keep_last: int = 3, before_commit=None) -> Path:
+    """Collective: every rank calls it. `write_engine_state(folder)` writes the engine's model and
+    optimizer; `before_commit(step)` runs when every file is written, before the rename (fault hooks)."""
     tmp = begin(root, step)
-    model_sd = model.sharded_state_dict()
-    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}, str(tmp))
+    write_engine_state(tmp)
     write_run_state(tmp, trainer_state, config_yaml, byte_table)
+    if before_commit is not None:
+        before_commit(step)
     return commit(root, step, keep_last)
 
 
-# The steps of a save that do not depend on the engine (the deepspeed engine writes its own format
-# between begin and commit).
+def dist_save(model, optimizer, folder: Path) -> None:
+    """The megatron engine's model and optimizer, sharded (any TP/PP layout can load them)."""
+    from megatron.core import dist_checkpointing
+    model_sd = model.sharded_state_dict()
+    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}, str(folder))
+
+
+def dist_load(model, optimizer, folder: Path) -> None:
+    """Collective. The inverse of dist_save, into any TP/PP layout; the optimizer is skipped when None."""
+    from megatron.core import dist_checkpointing
+    model_sd = model.sharded_state_dict()
+    request = {"model": model_sd}
+    if optimizer is not None:
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    state = dist_checkpointing.load(request, str(folder))
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+
+
 def begin(root: Path, step: int) -> Path:
     """Collective: a fresh temporary folder for the checkpoint of `step`."""
     tmp = Path(root) / f".{step_dir_name(step)}.tmp"
@@ -109,8 +129,6 @@ def commit(root: Path, step: int, keep_last: int = 3) -> Path:
     final = root / step_dir_name(step)
     tmp = root / f".{step_dir_name(step)}.tmp"
     _barrier()
-    if os.environ.get("KSCALE_FAULT_CRASH_IN_CHECKPOINT") == str(step):   # fault injection for the tests
-        os._exit(137)
     if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -124,18 +142,13 @@ def commit(root: Path, step: int, keep_last: int = 3) -> Path:
     return final
 
 
-def load(path: Path, model, optimizer) -> dict:
-    """Collective. Loads model and optimizer (any TP/PP layout) and returns the trainer state, with
-    `rng` set when this rank's RNG file exists and the world size is unchanged."""
-    from megatron.core import dist_checkpointing
+def load(path: Path, read_engine_state) -> dict:
+    """Collective. `read_engine_state(folder)` loads the engine's model and optimizer; returns the trainer
+    state, with `rng_restored` set when this rank's RNG states were restored (unchanged world size)."""
     path = Path(path)
     if not (path / "trainer_state.pt").is_file():
         raise KScaleError("not a complete kscale checkpoint (no trainer_state.pt)", where=str(path))
-    model_sd = model.sharded_state_dict()
-    state = dist_checkpointing.load({"model": model_sd, "optimizer": optimizer.sharded_state_dict(
-        model_sd, is_loading=True)}, str(path))
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    read_engine_state(path)
     return read_run_state(path)
 
 

@@ -10,7 +10,6 @@ explicit bytes (out-of-vocabulary strings; Kronecker input layers only).
 from __future__ import annotations
 
 import contextlib
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,25 +41,13 @@ def read_config(step_dir: Path) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_single_process() -> None:
-    """A world of one (gloo) with megatron's TP = PP = 1 state; idempotent."""
-    from megatron.core import parallel_state as ps
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                                             world_size=1)
-    if torch.distributed.get_world_size() != 1:
-        raise KScaleError("single-process loading was called inside a multi-process job",
-                          fix="load checkpoints for export or probes in a plain Python process")
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+def init_single_process(on_cpu: bool | None = None) -> None:
+    """A world of one with megatron's TP = PP = 1 state and its model-parallel RNG seeded (idempotent)."""
     from megatron.core import tensor_parallel
-    with cpu_layer():
+
+    from ..distributed import init_single_process as init_world
+    init_world()
+    with cpu_layer(on_cpu):
         tensor_parallel.model_parallel_cuda_manual_seed(0)
 
 
@@ -76,14 +63,16 @@ def tensor_shapes(step_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.dtyp
 
 
 @contextlib.contextmanager
-def cpu_layer():
-    """megatron's CPU layer (model/megatron_cpu.py) while building or loading, on CPU machines only. It is
-    global (a TorchFunctionMode, patched torch.cuda), so a library user's process (or the test process)
-    gets back what it had."""
+def cpu_layer(active: bool | None = None):
+    """megatron's CPU layer (model/megatron_cpu.py) while building, loading or running a model on the CPU
+    (`active`; default: when no CUDA device is usable). It is global (a TorchFunctionMode, patched
+    torch.cuda), so a library user's process (or the test process) gets back what it had."""
     from ..model import megatron_cpu
-    turn_on = not torch.cuda.is_available() and not megatron_cpu.is_enabled()
+    if active is None:
+        active = not torch.cuda.is_available()
+    turn_on = active and not megatron_cpu.is_enabled()
     if turn_on:
-        megatron_cpu.enable()
+        megatron_cpu.enable(force=True)
     try:
         yield
     finally:
@@ -117,6 +106,7 @@ class LoadedCheckpoint:
     vocab_size: int                 # real ids (the tokenizer's); the model's rows beyond are padding
     step: int
     tokens: int
+    device: str = "cpu"             # where the model and its inputs are: "cpu" or "cuda"
 
     # --- forward passes for probes and parity ----------------------------------------------------------
     def _embed(self, ids: torch.Tensor, overrides: dict | None) -> torch.Tensor:
@@ -128,7 +118,7 @@ class LoadedCheckpoint:
         words = emb_layer.word_embeddings.forward_with_byte_override(ids, overrides)   # [b, s, d]
         emb = words.transpose(0, 1).contiguous()
         if emb_layer.add_position_embedding:
-            pos = torch.arange(ids.shape[1]).expand_as(ids)
+            pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
             emb = emb + emb_layer.position_embeddings(pos.t())
         return emb
 
@@ -138,7 +128,7 @@ class LoadedCheckpoint:
 
         overrides: {(batch, position) or position: bytes} gives those positions explicit bytes.
         """
-        ids = torch.as_tensor(ids, dtype=torch.long)
+        ids = torch.as_tensor(ids, dtype=torch.long).to(self.device)
         if ids.dim() == 1:
             ids = ids[None]
             if overrides:
@@ -149,15 +139,15 @@ class LoadedCheckpoint:
         captured = {}
         hook = self.model.decoder.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out))
         try:
-            positions = torch.arange(ids.shape[1]).expand_as(ids)
-            decoder_input = self._embed(ids, overrides) if overrides else None
-            with cpu_layer():                  # megatron asks torch.cuda for the device inside attention
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            with cpu_layer(self.device == "cpu"):   # megatron asks torch.cuda for the device inside attention
+                decoder_input = self._embed(ids, overrides) if overrides else None
                 logits = self.model(ids, positions, None, decoder_input=decoder_input)
         finally:
             hook.remove()
         hidden = captured["h"]
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        return logits[..., : self.vocab_size].float(), hidden.transpose(0, 1).float()
+        return logits[..., : self.vocab_size].float().cpu(), hidden.transpose(0, 1).float().cpu()
 
     @torch.no_grad()
     def greedy(self, ids: list[int], n: int, overrides: dict | None = None) -> list[int]:
@@ -180,19 +170,21 @@ class LoadedCheckpoint:
         emb = self.model.embedding.word_embeddings
         if self.model_cfg.input_layer == "kronecker":
             return materialise_table(emb, self.vocab_size)
-        return emb.weight.detach()[: self.vocab_size].double()
+        return emb.weight.detach()[: self.vocab_size].double().cpu()
 
 
 def materialise_table(word_embeddings, n: int) -> torch.Tensor:
     """codec(ids) @ W for ids 0..n-1 in fp64 (closed form; every id's row exactly as the layer embeds it)."""
     from ..embedding import kronecker_embed_torch
-    W = word_embeddings.weight.detach().double()
-    return kronecker_embed_torch(word_embeddings.token_bytes[:n], word_embeddings.token_lengths[:n], W,
-                                 word_embeddings.alpha, word_embeddings.beta)
+    W = word_embeddings.weight.detach().double().cpu()
+    return kronecker_embed_torch(word_embeddings.token_bytes[:n].cpu(), word_embeddings.token_lengths[:n].cpu(), W,
+                                 word_embeddings.alpha.cpu(), word_embeddings.beta.cpu())
 
 
-def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """The model of a checkpoint in this process, TP = PP = 1, fp32, eval mode."""
+def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedCheckpoint:
+    """The model of a checkpoint in this process, TP = PP = 1, fp32, eval mode, on `device` ("cpu", the
+    default whatever GPUs are visible, or "cuda"); `forward` takes inputs anywhere and returns CPU tensors."""
+    from ..distributed import resolve_device
     from megatron.core import dist_checkpointing
 
     from ..embedding import ByteTable
@@ -201,6 +193,9 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     from ..tokenizer import load_tokenizer
     from ..tokenizer.assets import tokenizer_path
 
+    if device not in ("cpu", "cuda"):
+        raise KScaleError(f"unknown device {device!r}", where="--device", fix="use cpu or cuda")
+    resolve_device(device, where="--device")         # cuda that is not usable: an error, not the CPU
     step_dir = resolve_checkpoint(path)
     cfg = read_config(step_dir)
     model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))
@@ -213,12 +208,14 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
             raise KScaleError("the tokenizer named in the checkpoint's config is not the one it was trained with",
                               where=f"{step_dir / 'config.yaml'}: tokenizer.path={cfg.tokenizer.path}",
                               fix="make tokenizer.path point at the training tokenizer")
-    init_single_process()
-    with cpu_layer():
+    on_cpu = device == "cpu"
+    init_single_process(on_cpu)
+    with cpu_layer(on_cpu):
         torch.manual_seed(0)
-        tcfg = transformer_config(model_cfg, params_dtype=torch.float32)
+        tcfg = transformer_config(model_cfg, params_dtype=torch.float32, use_cpu_initialization=on_cpu)
         model = build_model(model_cfg, tcfg, byte_table=byte_table, vocab_size=tok.vocab_size,
                             pre_process=True, post_process=True)
+        model.to(device)
         try:
             state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step_dir))
         except Exception as e:       # megatron raises many types; name the checkpoint and the cause
@@ -228,4 +225,4 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     model.eval()
     trainer_state = torch.load(step_dir / "trainer_state.pt", weights_only=False)
     return LoadedCheckpoint(step_dir, cfg, model_cfg, model, byte_table, tok, tok.vocab_size,
-                            int(trainer_state.get("step", 0)), int(trainer_state.get("tokens", 0)))
+                            int(trainer_state.get("step", 0)), int(trainer_state.get("tokens", 0)), device)

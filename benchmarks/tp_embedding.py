@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+
 def _count_collectives(counter: dict) -> list:
     """Wrap torch.distributed's collectives (and megatron's import-time references to them) so each
     call adds the bytes of this rank's input buffer to `counter`. Returns what to restore."""
@@ -50,6 +51,8 @@ def _count_collectives(counter: dict) -> list:
 
 def _worker(rank: int, world: int, init_file: str, args: dict, out_dir: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from kronecker_scale import quiet
+    quiet.install(os.environ.get("KSCALE_VERBOSE") == "1")         # before megatron is imported
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(rank)
@@ -58,11 +61,11 @@ def _worker(rank: int, world: int, init_file: str, args: dict, out_dir: str) -> 
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from ..embedding import ByteTable
-    from ..model import megatron_cpu
-    from ..model.megatron_gpt import GPTConfig, KroneckerLanguageModelEmbedding, transformer_config
-    from ..tokenizer.assets import tokenizer_path
-    from .embedding import real_ids
+    from kronecker_scale.embedding import ByteTable
+    from kronecker_scale.model import megatron_cpu
+    from kronecker_scale.model.megatron_gpt import GPTConfig, KroneckerLanguageModelEmbedding, transformer_config
+    from kronecker_scale.tokenizer.assets import tokenizer_path
+    from kronecker_scale.benchmarks.embedding import real_ids
     megatron_cpu.enable()
     ps.initialize_model_parallel(tensor_model_parallel_size=world)
     tensor_parallel.model_parallel_cuda_manual_seed(0)

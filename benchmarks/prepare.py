@@ -6,8 +6,8 @@ from pathlib import Path
 
 
 def run(inputs: list, tokenizer: str = "gpt2", seq_len: int = 1024, workers=(1, 2), progress=print) -> list[dict]:
-    from ..data.prepare import prepare_data
-    from ..tokenizer.assets import tokenizer_path
+    from kronecker_scale.data.prepare import prepare_data
+    from kronecker_scale.tokenizer.assets import tokenizer_path
     rows = []
     for n in workers:
         with tempfile.TemporaryDirectory() as tmp:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..embedding import ByteTable, KroneckerEmbedding
+from kronecker_scale.embedding import ByteTable, KroneckerEmbedding
 
 VOCAB = 131_072
 PROVIDERS = ("nn_embedding", "kron_torch", "kron_dense", "kron_triton", "kron_triton_det")
@@ -56,7 +56,7 @@ class Result:
 
 def real_ids(tokenizer_path: Path, n: int, device) -> torch.Tensor:
     """n ids of real English text (CPython's LICENSE, tiled) under a 131K-vocabulary tokenizer."""
-    from ..tokenizer import load_tokenizer
+    from kronecker_scale.tokenizer import load_tokenizer
     text = (Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
             / "LICENSE.txt").read_text(encoding="utf-8")
     ids = torch.tensor(load_tokenizer(tokenizer_path).encode(text))
@@ -145,7 +145,7 @@ def bench_one(provider, table, ids, d, dtype_name, device, reps) -> list[Result]
 
 def run(grid: str = "cpu", providers=PROVIDERS, reps: int = 5, device=None, progress=print,
         max_dense_bytes: int = 4 << 30) -> list[Result]:
-    from ..tokenizer.assets import tokenizer_path
+    from kronecker_scale.tokenizer.assets import tokenizer_path
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     g = GRIDS[grid]
     tok = tokenizer_path("tekken")

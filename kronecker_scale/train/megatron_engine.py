@@ -1,55 +1,41 @@
-"""The training loop of the megatron engine: one process per rank, started by `kscale train`.
-
-config -> tokenizer + byte table -> data (this DP rank) -> model (this TP/PP rank) -> DDP + optimizer
--> steps (megatron's schedules) -> metrics, evaluation, checkpoints. Resumes from `latest` exactly.
+"""The megatron engine: megatron-core's GPT with tensor, pipeline, sequence and data parallelism, its DDP
+wrapper, optimizer and schedules (PP included), and dist_checkpointing (a checkpoint loads into any
+TP/PP layout). The loop that drives it is loop.py; the contract is engine.py.
 """
 from __future__ import annotations
 
-import os
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from . import checkpoint, common
-from .common import learning_rate  # noqa: F401  (shared with the deepspeed engine; imported from here too)
+from . import checkpoint
+from .inputs import ModelInputs
+from .records import norm_record
 
-
-def init_distributed() -> None:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank,
-                                         world_size=world)
-    if not torch.cuda.is_available():
-        from ..model import megatron_cpu
-        megatron_cpu.enable()
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class Trainer:
-    def __init__(self, cfg: DictConfig):
+class MegatronEngine:
+    """One rank's model, DDP wrapper and optimizer in the layout cfg.parallel names."""
+
+    def __init__(self, cfg: DictConfig, inputs: ModelInputs):
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
 
         self.cfg, self.ps = cfg, ps
-        self.run_dir = Path(cfg.run.dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.model_cfg, self.byte_table = inputs.model_cfg, inputs.byte_table
         p = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline)
         torch.manual_seed(cfg.run.seed)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
-        self.model_cfg, tok, self.byte_table = common.model_inputs(cfg)
-        common.check_train_data(cfg, tok, self.model_cfg)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * self.dp_size)
-        self._build_model(tok.vocab_size)
-        self.train_loader, self.val_loader = common.build_loaders(cfg, tok, self.model_cfg, self.dp_rank, self.dp_size)
-        self.val_batches = None
+        self._build_model(inputs.vocab_size)
         self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
                           and self.dp_rank == 0)
+        self._poison = False
 
     # --- model, optimizer --------------------------------------------------------------------------
     def _build_model(self, vocab_size: int) -> None:
@@ -62,7 +48,7 @@ class Trainer:
 
         from ..model.megatron_gpt import build_model, transformer_config
         cfg, p = self.cfg, self.cfg.parallel
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.run.precision]
+        dtype = DTYPES[cfg.run.precision]
         self.tcfg = transformer_config(self.model_cfg, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
                                        sequence_parallel=p.sequence, params_dtype=dtype,
                                        deterministic_mode=cfg.run.deterministic)
@@ -99,7 +85,7 @@ class Trainer:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         output = model(tokens, positions, None, labels=labels)
 
-        poison = self.nan_step is not None and self.step_in_progress == self.nan_step   # fault injection
+        poison = self._poison
 
         def loss_func(per_token):
             total = per_token.float().sum() * (float("nan") if poison else 1.0)
@@ -118,13 +104,8 @@ class Trainer:
             total = total_dev.cpu()
         return (total[0] / total[1].clamp_min(1)).item(), int(total[1])
 
-    def evaluate(self) -> float | None:
+    def evaluate(self, batches: list[dict]) -> float | None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
-        if self.val_loader is None:
-            return None
-        if self.val_batches is None:
-            self.val_batches = common.fixed_batches(self.val_loader, self.cfg.eval.batches)
-        batches = self.val_batches
         self.model.eval()
         with torch.no_grad():
             stats = get_forward_backward_func()(
@@ -164,58 +145,78 @@ class Trainer:
                     stats[:2] = rows
         if ps.get_pipeline_model_parallel_world_size() > 1:
             torch.distributed.all_reduce(stats, group=ps.get_pipeline_model_parallel_group())
-        return common.norm_record(stats, self.model_cfg.input_layer)
+        return norm_record(stats, self.model_cfg.input_layer)
 
-    # --- the loop ------------------------------------------------------------------------------------
-    def train(self, console=print) -> dict:
+    # --- the engine contract (engine.py) ------------------------------------------------------------
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def forward_backward(self, batches: Iterator[dict], poison: bool = False) -> tuple[float, bool]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self._poison = poison
+        stats = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=batches, model=[self.model],
+            num_microbatches=self.num_micro, seq_length=self.model_cfg.seq_len,
+            micro_batch_size=self.cfg.data.micro_batch_size, forward_only=False)
+        self._poison = False
+        return self._reduce_loss(stats)[0], bool(stats)
 
-        from .metrics import MetricsWriter
-        cfg = self.cfg
-        step, tokens, skipped = 0, 0, 0
-        resume = common.resume_path(cfg, self.ckpt_dir)
-        if resume is not None:
-            state = checkpoint.load(resume, self.core_model, self.optimizer)
-            step, tokens, skipped = state["step"], state["tokens"], state["skipped_steps"]
-            self.train_loader.load_state_dict(state["train_loader"])
-            console(f"resumed from {resume} at step {step}" + ("" if state.get("rng_restored") else
-                                                              " (new world size: RNG states re-seeded)"))
-        metrics = MetricsWriter(self.run_dir, self.is_logger, cfg.logging.tensorboard, console, resume_step=step)
-        batches = common.endless(self.train_loader)
-        fb = get_forward_backward_func()
-        tokens_per_step = cfg.data.global_batch_size * self.model_cfg.seq_len
-        faults = common.Faults()
-        self.nan_step = faults.nan_step
-        while step < cfg.schedule.train_steps:
-            self.step_in_progress = step + 1
-            t0 = time.perf_counter()
-            lr = learning_rate(step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.model.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            stats = fb(forward_step_func=self._forward_step, data_iterator=batches, model=[self.model],
-                       num_microbatches=self.num_micro, seq_length=self.model_cfg.seq_len,
-                       micro_batch_size=cfg.data.micro_batch_size, forward_only=False)
-            loss, _ = self._reduce_loss(stats)
-            if not common.all_finite(loss, have_loss=bool(stats)):          # every rank decides alike
-                skipped = common.skip_nonfinite_step(cfg, step + 1, skipped)
-                grad_norm = float("nan")
+    def optimizer_step(self, finite: bool) -> float:
+        if not finite:
+            return float("nan")
+        _, grad_norm, _ = self.optimizer.step()
+        return grad_norm
+
+    def write_checkpoint(self, folder: Path) -> None:
+        checkpoint.dist_save(self.core_model, self.optimizer, folder)
+
+    def read_checkpoint(self, folder: Path, load_optimizer: bool = True) -> None:
+        checkpoint.dist_load(self.core_model, self.optimizer if load_optimizer else None, folder)
+
+    def run_state(self) -> dict:
+        return {}
+
+    # --- whole tensors by name (the engine converter) --------------------------------------------------
+    def _adam_slots(self) -> list[tuple]:
+        """(model param, main fp32 param, torch optimizer) of the (non-distributed) megatron optimizer."""
+        out = []
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if hasattr(opt, "float16_groups"):             # bf16/fp16: fp32 main copies
+                pairs = [(m, f) for mg, fg in zip(opt.float16_groups, opt.fp32_from_float16_groups)
+                         for m, f in zip(mg, fg)]
+                pairs += [(p, p) for g in opt.fp32_from_fp32_groups for p in g]
             else:
-                _, grad_norm, _ = self.optimizer.step()
-            step += 1
-            tokens += tokens_per_step
-            dt = time.perf_counter() - t0
-            record = common.step_record(cfg, step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
-                                        tokens_per_step=tokens_per_step, step_time=dt, skipped=skipped,
-                                        n_params=self.n_params)
-            common.finish_step(self, record, metrics, faults, step, tokens, skipped)
-        metrics.close()
-        return {"step": step, "tokens": tokens, "skipped_steps": skipped}
+                pairs = [(p, p) for g in opt.optimizer.param_groups for p in g["params"]]
+            out += [(m, f, opt.optimizer) for m, f in pairs]
+        return out
 
-    def save(self, step: int, tokens: int, skipped: int) -> None:
-        state = {"step": step, "tokens": tokens, "skipped_steps": skipped,
-                 "train_loader": self.train_loader.state_dict(),
-                 "world_size": torch.distributed.get_world_size()}
-        checkpoint.save(self.ckpt_dir, step, self.core_model, self.optimizer, state, OmegaConf.to_yaml(self.cfg),
-                        self.byte_table, keep_last=self.cfg.checkpoint.keep_last)
+    def full_state(self) -> dict:
+        by_id = {id(m): (f, inner) for m, f, inner in self._adam_slots()}
+        tensors, steps = {}, set()
+        for name, p in self.core_model.named_parameters():
+            main, inner = by_id[id(p)]
+            st = inner.state.get(main, {})
+            entry = {"param": main.detach().float().cpu().clone()}
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    entry[key] = st[key].detach().float().cpu().clone()
+            if "step" in st:
+                steps.add(int(st["step"]))
+            tensors[name] = entry
+        return {"tensors": tensors, "adam_step": max(steps) if steps else 0}
+
+    def set_full_state(self, state: dict) -> None:
+        by_id = {id(m): (f, inner) for m, f, inner in self._adam_slots()}
+        with torch.no_grad():
+            for name, p in self.core_model.named_parameters():
+                entry = state["tensors"][name]
+                main, inner = by_id[id(p)]
+                main.copy_(entry["param"].to(main.dtype))
+                p.copy_(entry["param"].to(p.dtype))
+                if "exp_avg" in entry:
+                    inner.state[main] = {"step": torch.tensor(float(state["adam_step"])),
+                                         "exp_avg": entry["exp_avg"].to(main.dtype).clone(),
+                                         "exp_avg_sq": entry["exp_avg_sq"].to(main.dtype).clone()}

@@ -1,1 +1,0 @@
-"""Benchmarks (tools, not tests): ratios taken in one run; absolute figures only from a GPU."""
