@@ -16,7 +16,7 @@ tier, scripts/test.sh (the README's command) runs everything.
 """
 import os
 
-# Multi-process tests on 2 cores stall with several OpenMP threads per process (feasibility.md §1).
+# Multi-process tests on 2 cores stall with several OpenMP threads per process (two threads per process).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
@@ -25,8 +25,25 @@ import torch  # noqa: E402
 import tiny_runs  # noqa: E402  (tests/ is on the path: pytest's rootdir-relative conftest import)
 
 # Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before the kernels
-# are defined (feasibility.md §2). On a GPU machine the same tests run the compiled kernels.
+# are defined. On a GPU machine the same tests run the compiled kernels; a machine whose GPU torch
+# cannot use (a broken driver, a CPU build of torch) stops here instead of passing in the interpreter,
+# unless KSCALE_TESTS_ALLOW_CPU=1 says that is intended.
 HAS_CUDA = torch.cuda.is_available()
+
+
+def _gpu_listed() -> bool:
+    import shutil
+    import subprocess
+    if shutil.which("nvidia-smi") is None:
+        return False
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+if not HAS_CUDA and os.environ.get("KSCALE_TESTS_ALLOW_CPU") != "1" and _gpu_listed():
+    from kronecker_scale.distributed import cuda_problem
+    pytest.exit(f"nvidia-smi lists a GPU but torch cannot use it: {cuda_problem()}. Fix the CUDA set-up "
+                f"(docs/setup.md), or set KSCALE_TESTS_ALLOW_CPU=1 to run the tests on the CPU.", returncode=2)
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -2,8 +2,8 @@
 after a kill, conversion to the megatron format and back, and clear errors for a bad passthrough.
 
 Real processes on gloo with DeepSpeed's CPU accelerator, the same tiny model, tokenizer and text as
-test_train.py (the session's `tiny_dataset`, conftest.py). The first DeepSpeed start JIT-builds its shm_comm op (~35 s), cached in
-TORCH_EXTENSIONS_DIR (default here: ~/.cache/kscale/torch_extensions).
+test_train.py (the session's `tiny_dataset`, conftest.py). The first DeepSpeed start JIT-builds its
+shm_comm op (~35 s), cached in TORCH_EXTENSIONS_DIR (default here: ~/.cache/kscale/torch_extensions).
 """
 import json
 

@@ -1,5 +1,6 @@
 """KroneckerEmbedding: nn.Embedding's contract, implementations agree, state dict, bad ids."""
 import math
+import sys
 
 import pytest
 import torch
@@ -110,3 +111,23 @@ def test_bf16_weight_matches_fp32_within_bf16_tolerance():
 def test_unknown_impl_is_rejected():
     with pytest.raises(KScaleError, match="unknown embedding impl"):
         make("cuda")
+
+
+def test_triton_asked_for_and_unusable_is_an_error_not_a_fallback(monkeypatch):
+    emb = make("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)         # a CPU tensor and no interpreter
+    with pytest.raises(KScaleError, match="need a CUDA device"):
+        emb(torch.tensor([1, 2]))
+    monkeypatch.setitem(sys.modules, "kronecker_scale.kernels", None)   # a broken Triton install
+    with pytest.raises(KScaleError, match="do not import"):
+        emb.resolved_impl()
+
+
+def test_auto_says_once_which_implementation_it_chose(capsys, monkeypatch):
+    from kronecker_scale.embedding import kronecker_embedding as module
+    monkeypatch.setattr(module, "_announced", set())
+    emb = make("auto")
+    emb(torch.tensor([1, 2]))
+    emb(torch.tensor([3]))
+    out = capsys.readouterr().out
+    assert out.count("embedding: impl=auto chose the torch closed form on cpu (no CUDA device)") == 1

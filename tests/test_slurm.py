@@ -60,7 +60,7 @@ def reference(tmp_path_factory, tiny_config):
     """The uninterrupted local run every Slurm run is compared with (2 ranks, 40 steps)."""
     tmp = tmp_path_factory.mktemp("reference")
     cfg = tiny_config(tmp, parallel={"nproc": 2}, schedule={"train_steps": 40, "warmup_steps": 2},
-                 checkpoint={"every": 100}, eval={"every": 20, "batches": 2})
+                      checkpoint={"every": 100}, eval={"every": 20, "batches": 2})
     r = kscale("train", cfg, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     return cfg, losses(tmp / "run")
@@ -162,7 +162,7 @@ def test_job_preempted_twice_resumes_to_the_same_losses(slurm, tmp_path, referen
 
 def test_sweep_runs_as_a_four_element_job_array(slurm, tmp_path, tiny_config):
     cfg = tiny_config(tmp_path, schedule={"train_steps": 6, "warmup_steps": 1}, eval={"every": 6, "batches": 1},
-                 checkpoint={"every": 0, "save_at_end": False})
+                      checkpoint={"every": 0, "save_at_end": False})
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"name": "arms", "grid": {"model.input_layer": ["kronecker", "bpe"],
                                                               "optim.lr": [1e-3, 3e-3]}}))
@@ -214,7 +214,7 @@ def test_debug_cluster_runs_in_process_like_train(tmp_path, tiny_config):
 def test_deepspeed_engine_on_slurm_survives_preemption(slurm, tmp_path, tiny_config):
     """run.engine=deepspeed (ZeRO-2) through `launch`: preempted once, it ends with the local run's losses."""
     cfg = tiny_config(tmp_path, schedule={"train_steps": 16, "warmup_steps": 2}, checkpoint={"every": 100},
-                 eval={"every": 8, "batches": 1})
+                      eval={"every": 8, "batches": 1})
     engine = ["run.engine=deepspeed", "deepspeed.zero_stage=2"]
     r = kscale("train", cfg, "parallel.nproc=2", *engine, f"run.dir={tmp_path / 'local'}",
                env={**DEEPSPEED_ENV, "OMP_NUM_THREADS": "1"})
@@ -234,7 +234,7 @@ def test_deepspeed_engine_on_slurm_survives_preemption(slurm, tmp_path, tiny_con
 
 def test_local_grid_sweep_runs_and_summarizes_without_wait(tmp_path, tiny_config):
     cfg = tiny_config(tmp_path, schedule={"train_steps": 2, "warmup_steps": 1}, eval={"every": 0},
-                 checkpoint={"every": 0, "save_at_end": False})
+                      checkpoint={"every": 0, "save_at_end": False})
     sweep_dir = tmp_path / "sweep"
     r = kscale("launch", cfg, "--grid", "optim.lr=1e-3,3e-3", "--name", "lr", "--sweep-dir", sweep_dir,
                env={"OMP_NUM_THREADS": "1"})

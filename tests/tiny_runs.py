@@ -126,7 +126,8 @@ def trained_run(base: Path, name: str, model: dict | None = None, steps: int = 2
         if (run / "checkpoints" / "latest").is_file():
             return run
         cfg = write_config(base / f"{name}.yaml", prepare_dataset(base), model=model or {},
-                           data={"micro_batch_size": 4, "global_batch_size": 4, "cache_dir": str(base / "cache" / name)},
+                           data={"micro_batch_size": 4, "global_batch_size": 4,
+                                 "cache_dir": str(base / "cache" / name)},
                            schedule={"train_steps": steps, "warmup_steps": 2},
                            checkpoint={"every": every, "keep_last": 10}, eval={"every": 0},
                            logging={"every": every}, run={"dir": str(run), "name": name})

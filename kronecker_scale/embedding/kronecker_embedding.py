@@ -9,6 +9,7 @@ The single-device module. Implementations (all compute DESIGN.md §2):
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -74,10 +75,24 @@ class KroneckerEmbedding(nn.Module):
 
     # --- implementation choice ------------------------------------------------------------
     def resolved_impl(self) -> str:
+        """The implementation the next forward runs: `triton` asked for and unusable is an error; `auto`
+        is triton on CUDA, and says so (with the reason) when it has to use the torch path instead."""
+        on_cuda = self.weight.is_cuda
+        if self.impl == "triton":
+            problem = triton_problem(on_cuda)
+            if problem:
+                raise KScaleError(f"embedding impl 'triton' cannot run: {problem}", where="model.embedding_impl",
+                                  fix="install the CUDA build (docs/setup.md), or set model.embedding_impl=auto")
+            return "triton"
         if self.impl != "auto":
             return self.impl
-        if self.weight.is_cuda and _triton_available():
+        problem = triton_problem(on_cuda) if on_cuda else "no CUDA device"
+        if problem is None:
+            backward = {True: "deterministic", False: "atomic", None: "deterministic"
+                        if torch.are_deterministic_algorithms_enabled() else "atomic"}[self.deterministic]
+            _announce(f"embedding: impl=auto chose the Triton kernels on CUDA ({backward} backward)")
             return "triton"
+        _announce(f"embedding: impl=auto chose the torch closed form on {self.weight.device.type} ({problem})")
         return "torch"
 
     def _embed_bytes(self, token_bytes: torch.Tensor, lengths: torch.Tensor, impl: str) -> torch.Tensor:
@@ -167,9 +182,26 @@ class KroneckerEmbedding(nn.Module):
                 f"length_normalize={self.length_normalize}, z_normalize={self.z_normalize}, impl={self.impl!r}")
 
 
-def _triton_available() -> bool:
+def triton_problem(on_cuda: bool) -> str | None:
+    """Why the Triton kernels cannot run here (None when they can): not importable, or neither a CUDA
+    device nor Triton's interpreter (TRITON_INTERPRET=1, the CPU test path)."""
     try:
-        import kronecker_scale.kernels as k
-        return bool(getattr(k, "kronecker_embedding_triton", None)) and torch.cuda.is_available()
-    except Exception:
-        return False
+        from kronecker_scale.kernels import kronecker_embedding_triton  # noqa: F401
+    except Exception as e:               # triton missing, or a broken install: say which
+        return f"the Triton kernels do not import ({type(e).__name__}: {e})"
+    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for the slow interpreter)"
+    return None
+
+
+_announced: set[str] = set()
+
+
+def _announce(line: str) -> None:
+    """Say once per process (on rank 0 of a job) which implementation the first forward chose."""
+    if line in _announced:
+        return
+    _announced.add(line)
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
+        print(line, flush=True)

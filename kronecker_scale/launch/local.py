@@ -30,6 +30,7 @@ def prepare_run(config_path, overrides, nproc: int | None = None):
         from ..distributed import resolve_device
         resolve_device(cfg.run.device, local_ranks=cfg.parallel.nproc)   # a Slurm job checks on its nodes
     check_engine(cfg)
+    check_embedding_impl(cfg)
     return cfg, write_resolved(cfg)
 
 
@@ -39,6 +40,18 @@ def check_engine(cfg) -> None:
     if cfg.run.engine == "deepspeed":
         from ..train.deepspeed_adapter import deepspeed_config
         deepspeed_config(cfg, dp_size=cfg.parallel.nproc)          # TP = PP = 1: every rank is data parallel
+
+
+def check_embedding_impl(cfg) -> None:
+    """model.embedding_impl=triton that cannot import stops here, before any rank starts (whether a CUDA
+    device is there is the device check's question, asked on the node that runs the job)."""
+    if cfg.model.input_layer != "kronecker" or cfg.model.embedding_impl != "triton":
+        return
+    from ..embedding.kronecker_embedding import triton_problem
+    problem = triton_problem(on_cuda=True)
+    if problem:
+        raise KScaleError(f"embedding impl 'triton' cannot run: {problem}", where="model.embedding_impl=triton",
+                          fix="install the CUDA build (docs/setup.md), or set model.embedding_impl=auto")
 
 
 def write_resolved(cfg) -> Path:
