@@ -7,7 +7,7 @@
 # Every step is resumable: a second run reuses the corpus and data and resumes the runs from `latest`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh     # KSCALE_TARGET: cpu, or cuda when nvidia-smi lists a GPU (docs/setup.md)
 K=.venv/bin/kscale
 $K demo-corpus --out runs/data/corpus
 if [ ! -f runs/data/demo-gpt2-128/manifest.json ]; then
