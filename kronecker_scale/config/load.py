@@ -4,6 +4,7 @@ schema (unknown keys and wrong types fail, naming the key) and for impossible la
 divisible by TP x PP, heads not divisible by TP, ...), all before any process starts."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -38,7 +39,7 @@ def _explain(e: OmegaConfBaseException, where: str) -> KScaleError:
                        fix="see kronecker_scale/config/schema.py for the keys and their types")
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
     """The validated, resolved config (an omegaconf DictConfig typed by TrainConfig)."""
     schema = OmegaConf.structured(TrainConfig)
     where = str(path) if path else "<defaults>"
@@ -81,8 +82,18 @@ def validate(cfg: DictConfig) -> None:
         bad("parallel.pipeline", p.pipeline, f"model.n_layers={cfg.model.n_layers} must be divisible by it")
     if p.sequence and p.tensor == 1:
         bad("parallel.sequence", True, "sequence parallelism needs parallel.tensor > 1")
-    dp = p.nproc // (p.tensor * p.pipeline)
     d = cfg.data
+    for key, value, least in (("data.micro_batch_size", d.micro_batch_size, 1),
+                              ("data.global_batch_size", d.global_batch_size, 1),
+                              ("schedule.train_steps", cfg.schedule.train_steps, 1),
+                              ("schedule.warmup_steps", cfg.schedule.warmup_steps, 0),
+                              ("checkpoint.every", cfg.checkpoint.every, 0),
+                              ("checkpoint.keep_last", cfg.checkpoint.keep_last, 0),
+                              ("eval.every", cfg.eval.every, 0), ("eval.batches", cfg.eval.batches, 1),
+                              ("logging.every", cfg.logging.every, 1)):
+        if value < least:
+            bad(key, value, f"use an integer >= {least}")
+    dp = p.nproc // (p.tensor * p.pipeline)
     if d.global_batch_size % (d.micro_batch_size * dp):
         bad("data.global_batch_size", d.global_batch_size,
             f"must be a multiple of micro_batch_size x data-parallel size = {d.micro_batch_size * dp}")
@@ -105,6 +116,11 @@ def validate(cfg: DictConfig) -> None:
         bad("schedule.warmup_steps", cfg.schedule.warmup_steps, "must not exceed schedule.train_steps")
     if not d.train:
         bad("data.train", [], "give at least one prepared dataset: data.train=[{path: DIR}]")
+    import re
+    if d.cache_limit is not None and not re.fullmatch(r"\s*(\d+(\.\d*)?\s*(b|kb|mb|gb|tb|pb)?|\d+(\.\d*)?\s*%|none)\s*",
+                                                      str(d.cache_limit), re.IGNORECASE):
+        bad("data.cache_limit", d.cache_limit,
+            'use a percentage of the cache filesystem ("50%"), a size ("200gb") or null')
     if cfg.tokenizer.byte_source not in ("exact", "decode"):
         bad("tokenizer.byte_source", cfg.tokenizer.byte_source, "use exact or decode")
     if cfg.run.engine == "deepspeed":

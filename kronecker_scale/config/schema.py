@@ -57,7 +57,8 @@ class DataConfig:
     global_batch_size: int = 8
     num_workers: int = 0
     seed: int = 1234
-    cache_dir: str | None = None
+    cache_dir: str | None = None            # node cache root (default: ${TMPDIR:-/tmp}/kscale-data-cache-<uid>)
+    cache_limit: str | None = "50%"         # bound on the cache root: "N%" of its filesystem, "200gb", null = none
 
 
 @dataclass
@@ -92,6 +93,7 @@ class RunConfig:
     max_skipped_steps: int = 10
     deterministic: bool = False             # torch's deterministic algorithms + the deterministic embedding backward
     device: str = "auto"                    # auto (CUDA when usable) | cuda (stop if unusable) | cpu
+    restart: bool = False                   # with checkpoint.resume=none: move an existing run aside, start over
 
 
 @dataclass

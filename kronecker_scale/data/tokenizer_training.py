@@ -1,7 +1,7 @@
 """Tokenizers of any size for vocabulary-scaling runs: train a byte-level BPE, or cut a real one.
 
 `train_bpe` trains a GPT-2-style byte-level BPE with Hugging Face `tokenizers` (offline, ~11 s for
-32K on 50 MB on 2 cores; research/data-sources.md §2) and saves a `tokenizer.json`.
+32K on 50 MB on 2 cores) and saves a `tokenizer.json`.
 
 `cut_tiktoken` makes nested vocabularies from a real one: in a tiktoken rank file, keeping the ranks
 below N is the same as stopping BPE after N - 256 merges, so cl100k cut to 4,096 / 8,192 / … gives a

@@ -3,18 +3,24 @@ data-parallel rank's loaders, checked against the tokenizer and sequence length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from ..embedding import ByteTable
+    from ..model.config import GPTConfig
+    from ..tokenizer import TokenizerFile
 
 
 @dataclass
 class ModelInputs:
-    model_cfg: object            # model.config.GPTConfig
+    model_cfg: GPTConfig
     vocab_size: int              # the tokenizer's real ids (the model pads beyond them)
-    byte_table: object | None    # embedding.ByteTable for Kronecker input layers
+    byte_table: ByteTable | None  # for Kronecker input layers
 
 
-def model_inputs(cfg: DictConfig) -> tuple[ModelInputs, object]:
+def model_inputs(cfg: DictConfig) -> tuple[ModelInputs, TokenizerFile]:
     """(what building the model needs besides the layout, the tokenizer)."""
     from ..embedding import ByteTable
     from ..model.config import GPTConfig
@@ -39,7 +45,8 @@ def build_loaders(cfg: DictConfig, tok, seq_len: int, dp_rank: int, dp_size: int
     """(train loader, validation loader or None) for this data-parallel rank."""
     from ..data import DataSource, build_loader, read_manifest
     common = dict(micro_batch_size=cfg.data.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                  seed=cfg.data.seed, cache_dir=cfg.data.cache_dir, num_workers=cfg.data.num_workers,
+                  seed=cfg.data.seed, cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit,
+                  num_workers=cfg.data.num_workers,
                   tokenizer_fingerprint=tok.fingerprint, seq_len=seq_len)
     train = build_loader([DataSource(s.path, s.proportion) for s in cfg.data.train], "train", **common)
     val_src = cfg.data.val or cfg.data.train[0].path
