@@ -75,8 +75,66 @@ def test_smoke_grid_rows_csv_markdown_and_plot(tmp_path):
         m = {r.mode: r for r in results if r.provider == p}
         assert (f"| {n} | {d} | {pos_dim} | {dt} | {p} | {m['forward'].ms:.3f} | {m['backward'].ms:.3f} | "
                 f"{m['full'].ms:.3f} | {m['full'].ratio_vs_nn_embedding:.2f}x | "
-                f"{m['full'].saved_bytes / 2**10:.1f} |") in md
+                f"{m['full'].saved_bytes / 2**10:.1f} | {m['full'].bytes_per_token:,.0f} | - | - |") in md
+    # bytes per token from the model with the ids' own statistics; GB/s and fraction of peak on a GPU only
+    stats = bench.IdStats.of(ByteTable.from_tokenizer(tok, pos_dim=pos_dim), ids)
+    for r in results:
+        assert r.bytes_per_token == bench.bytes_per_token(r.provider, r.mode, n, d, pos_dim, bench.VOCAB, 4, stats)
+        assert math.isnan(r.gbps) and math.isnan(r.frac_peak)
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 10_000
+
+
+GOAL = bench.GOAL
+
+
+def test_bytes_model_kronecker_is_at_or_below_nn_embedding_at_the_goal_shape():
+    # forward + backward (+ colsum at one micro-batch per optimizer step, the worst case), at the bound
+    # that favours nn.Embedding (Kronecker: L = P, every row touched; nn.Embedding: no distinct-row terms)
+    nn_bytes = bench.bytes_per_token("nn_embedding", "full", **GOAL)
+    colsum = sum(b for _, b in bench.traffic("kron_triton", **GOAL)["per_step"]) / GOAL["N"]
+    for provider, main_grad in (("kron_triton", False), ("kron_triton", True), ("kron_triton_det", False)):
+        kron = bench.bytes_per_token(provider, "full", main_grad=main_grad, **GOAL) + colsum
+        assert kron <= nn_bytes, (provider, main_grad, kron, nn_bytes)
+    assert bench.bytes_per_token("kron_torch", "full", **GOAL) > nn_bytes          # what the kernels are for
+
+
+def test_bytes_model_terms_are_the_shapes_arithmetic():
+    N, d, P, V, e = 1000, 256, 8, 5000, 2
+    D = 256 * P
+    kw = dict(N=N, d=d, P=P, V=V, elem=e)
+    # nn.Embedding at the bound: ids twice, out written, g read, the dense V x d gradient written
+    assert bench.bytes_per_token("nn_embedding", "full", **kw) * N == pytest.approx(2 * N * 8 + 2 * N * d * e + V * d * e, rel=1e-12)
+    # kron_triton: forward gathers W once (L2-resident column slices); backward reads g once, zeroes an fp32
+    # accumulator, reads + writes the touched rows, reads it back and writes dW in bf16
+    fwd = N * 10 + N * P + D * d * e + d * 4 + N * d * e
+    bwd = N * 10 + N * P + N * d * e + 2 * d * 4 + D * d * 4 + 2 * min(D, N * P) * d * 4 + D * d * 4 + D * d * e
+    assert bench.bytes_per_token("kron_triton", "forward", **kw) * N == pytest.approx(fwd, rel=1e-12)
+    assert bench.bytes_per_token("kron_triton", "backward", **kw) * N == pytest.approx(bwd, rel=1e-12)
+    # into an fp32 main_grad: no scratch, no cast; b added to every row in place
+    mg = N * 10 + N * P + N * d * e + 2 * d * 4 + 2 * min(D, N * P) * d * 4 + 2 * D * d * 4
+    assert bench.bytes_per_token("kron_triton", "backward", main_grad=True, **kw) * N == pytest.approx(mg, rel=1e-12)
+    # the ids' statistics enter where they should: fewer touched rows, fewer bytes
+    few = bench.IdStats(mean_len=3.0, distinct_ids=100, touched_rows=50)
+    assert bench.bytes_per_token("kron_triton", "backward", stats=few, **kw) * N == \
+        pytest.approx(bwd - 2 * (min(D, N * P) - 50) * d * 4 - N * (P - 3), rel=1e-12)
+    assert bench.bytes_per_token("nn_embedding", "full", stats=few, **kw) * N == \
+        pytest.approx(2 * N * 8 + 2 * N * d * e + V * d * e + 100 * d * e + 100 * d * (2 * 4 + e), rel=1e-12)
+    assert bench.peak_bandwidth("cpu") is None
+
+
+def test_the_goal_table_in_docs_is_the_models():
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    for line in bench.goal_table().splitlines():
+        assert line in doc, line
+    assert doc.count("not yet measured on GPU") >= 4
+
+
+def test_id_statistics():
+    table = ByteTable.from_token_bytes([b"ab", b"b", b"", b"abc"], pos_dim=4)
+    stats = bench.IdStats.of(table, torch.tensor([0, 0, 1, 3, 2]))
+    # lengths 2, 2, 1, 3, 0; rows (a,0) (b,1) (b,0) (c,2)
+    assert stats == bench.IdStats(mean_len=8 / 5, distinct_ids=4, touched_rows=4)
 
 
 def test_no_runtime_module_imports_the_benchmarks():

@@ -1,5 +1,5 @@
 """Fused Triton kernels (kronecker_scale.kernels) against a straightforward fp64 torch reference of
-the codec, written out here from its definition (DESIGN.md §2), forward and backward.
+the codec, written out here from its definition (docs/design.md §2), forward and backward.
 
 Without a GPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before the kernels
 are defined); shapes stay tiny because the interpreter costs ~10 ms per program instance.
@@ -122,7 +122,7 @@ def test_torch_deterministic_algorithms_select_the_deterministic_backward(monkey
     import kronecker_scale.kernels.kronecker_embedding as kmod
     calls = []
     real = kmod._deterministic_dw
-    monkeypatch.setattr(kmod, "_deterministic_dw", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kmod, "_deterministic_dw", lambda *a, **k: calls.append(1) or real(*a, **k))
     table = make_table(16)
     before = torch.are_deterministic_algorithms_enabled()
     try:
@@ -169,3 +169,215 @@ def test_module_impl_triton_matches_the_reference():
     ref, ref_dw = reference(table, ids.reshape(-1), emb.weight.double(), g.reshape(-1, 20).double())
     assert torch.allclose(out.detach().cpu().double().reshape(-1, 20), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
     assert torch.allclose(emb.weight.grad.cpu().double(), ref_dw, rtol=0, atol=1e-5 * ref_dw.abs().max().item())
+
+
+# --- the backward at the byte floor: b broadcast, main_grad, determinism, int64 offsets, colsum cache ---
+def fp64_beta_vector(table, ids, grad64, **flags):
+    """b = sum_t beta(L_t) g_t in fp64: what every row of dW gets on top of its scattered part."""
+    _, beta = scale_tables(table.pos_dim, **flags)
+    return (beta[table.lengths[ids.cpu()].long()][:, None] * grad64.cpu()).sum(0)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_no_token_touches_get_exactly_the_beta_broadcast(deterministic, dtype):
+    table = make_table(16)
+    ids = torch.tensor([0, 1, 2, 3, 3, 5])
+    g = torch.Generator().manual_seed(3)
+    weight = (torch.randn(codec_dim(16), 24, generator=g) / 64).to(dtype)
+    grad = torch.randn(6, 24, generator=g).to(dtype)
+    _, dw = run_triton(table, ids.to(DEVICE), weight.to(DEVICE), grad.to(DEVICE), deterministic)
+    b = fp64_beta_vector(table, ids, grad.double())
+    touched = set()
+    for t in ids.tolist():
+        for p in range(int(table.lengths[t])):
+            touched.add(int(table.bytes[t, p]) * 16 + p)
+    untouched = torch.tensor(sorted(set(range(codec_dim(16))) - touched))
+    rest = dw.cpu()[untouched]
+    assert torch.equal(rest, rest[:1].expand_as(rest))             # one broadcast vector, identical in every row
+    assert (rest[0].double() - b).abs().max() <= TOL[dtype] * b.abs().max()
+    assert b.abs().max() > 0
+    # without z-normalisation beta = 0: untouched rows are exactly zero
+    _, dw0 = run_triton(table, ids.to(DEVICE), weight.to(DEVICE), grad.to(DEVICE), deterministic, z_normalize=False)
+    assert torch.all(dw0.cpu()[untouched] == 0)
+
+
+def run_into_main_grad(table, ids, weight, grad, deterministic, main_grad, megatron=False):
+    alpha, beta = scale_tables(table.pos_dim)
+    w = weight.detach().clone().requires_grad_(True)
+    if megatron:
+        w.grad_added_to_main_grad = False                      # what megatron's DDP sets on its parameters
+    out = kernels.kronecker_embedding_triton(ids, table.bytes.to(DEVICE), table.lengths.to(DEVICE), w,
+                                             alpha.to(DEVICE), beta.to(DEVICE), deterministic=deterministic,
+                                             main_grad=main_grad)
+    out.backward(grad)
+    return w
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype,grad_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                              (torch.float16, torch.float16)])
+def test_main_grad_accumulates_dw_and_leaves_no_weight_grad(deterministic, dtype, grad_dtype):
+    table = make_table(16)
+    g = torch.Generator().manual_seed(5)
+    n, d = 29, 40
+    ids = torch.randint(0, table.vocab_size, (n,), generator=g)
+    weight = (torch.randn(codec_dim(16), d, generator=g) / 64).to(dtype)
+    grad = torch.randn(n, d, generator=g).to(dtype)
+    start = torch.randn(codec_dim(16), d, generator=g).to(grad_dtype)    # gradients of earlier micro-batches
+    main_grad = start.clone().to(DEVICE)
+    w = run_into_main_grad(table, ids.to(DEVICE), weight.to(DEVICE), grad.to(DEVICE), deterministic, main_grad)
+    assert w.grad is None
+    _, ref_dw = reference(table, ids, weight.double(), grad.double())
+    expected = start.double() + ref_dw
+    tol = TOL[grad_dtype] if grad_dtype != torch.float32 else TOL[dtype]
+    assert (main_grad.cpu().double() - expected).abs().max() <= tol * expected.abs().max()
+    # megatron's protocol: the parameter is marked and gets a dummy gradient, so DDP's hook fires and skips it
+    main_grad2 = start.clone().to(DEVICE)
+    w2 = run_into_main_grad(table, ids.to(DEVICE), weight.to(DEVICE), grad.to(DEVICE), deterministic, main_grad2,
+                            megatron=True)
+    assert w2.grad_added_to_main_grad is True and w2.grad is not None and w2.grad.shape == w2.shape
+    if deterministic:
+        assert torch.equal(main_grad, main_grad2)
+
+
+def test_module_gradient_accumulation_fusion_adds_into_main_grad():
+    table = make_table(16)
+    emb = KroneckerEmbedding(table, 10, impl="triton", gradient_accumulation_fusion=True).to(DEVICE)
+    emb.weight.main_grad = torch.ones(codec_dim(16), 10, device=DEVICE)     # what megatron's DDP attaches
+    ids = torch.randint(0, table.vocab_size, (7,), device=DEVICE)
+    out = emb(ids)
+    g = torch.randn_like(out)
+    out.backward(g)
+    _, ref_dw = reference(table, ids, emb.weight.double(), g.double())
+    assert emb.weight.grad is None
+    assert torch.allclose(emb.weight.main_grad.cpu().double(), 1 + ref_dw, rtol=0, atol=1e-5 * ref_dw.abs().max())
+
+
+def test_main_grad_must_match_the_weight():
+    table = make_table(16)
+    alpha, beta = scale_tables(16)
+    w = torch.randn(codec_dim(16), 8, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="main_grad"):
+        kernels.kronecker_embedding_triton(torch.zeros(2, dtype=torch.int64, device=DEVICE), table.bytes.to(DEVICE),
+                                           table.lengths.to(DEVICE), w, alpha, beta,
+                                           main_grad=torch.zeros(codec_dim(16), 9, device=DEVICE))
+
+
+def test_deterministic_backward_gpu_order_is_correct_and_bitwise_reproducible(monkeypatch):
+    # the order the compiled kernels use (one row at a time, DET_PAIRS pairs per step), run here too
+    import kronecker_scale.kernels.kronecker_embedding as kmod
+    monkeypatch.setattr(kmod, "DET_VECTOR_ROWS", False)
+    monkeypatch.setattr(kmod, "DET_ROWS", 256)
+    monkeypatch.setattr(kmod, "DET_PAIRS", 4)                  # several steps per row at these sizes
+    table = make_table(4)
+    _, dw1 = check(table, 20, torch.float32, deterministic=True, n_tokens=40)
+    _, dw2 = check(table, 20, torch.float32, deterministic=True, n_tokens=40)
+    assert torch.equal(dw1, dw2)
+
+
+def huge_virtual_buffer(elements, dtype):
+    """A buffer past 2^31 elements that costs only the pages touched (CPU: lazily backed by the kernel)."""
+    try:
+        return torch.empty(elements, dtype=dtype, device=DEVICE)
+    except (RuntimeError, MemoryError) as e:
+        pytest.skip(f"cannot reserve {elements * 2 / 2**30:.0f} GiB of address space here: {e}")
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_offsets_past_2_31_elements_are_int64(deterministic):
+    # W's column stride and g's row stride are 2^30 + 16 elements, so column / token 2 sits 2^31 + 32
+    # elements in: in int32 that offset wraps to -2^31 + 32, i.e. 2^32 elements *before* the view, which
+    # starts 2^31 + 2^20 elements into the buffer. The wrapped address lands in a region filled with 7s.
+    table = make_table(4)
+    P, D, d, n = 4, codec_dim(4), 3, 3
+    S = 2 ** 30 + 16
+    start = 2 ** 32 + 2 ** 20
+    buf = huge_virtual_buffer(start + 2 * S + 4096, torch.float16)
+    buf[:2 ** 20].fill_(7.0)
+    buf[2 ** 32: start].fill_(7.0)
+    view = buf[start:]
+    g = torch.Generator().manual_seed(0)
+    w_src = (torch.randn(D, d, generator=g) / 8).half()
+    grad_src = torch.randn(n, d, generator=g).half()
+    weight = view.as_strided((D, d), (1, S))                               # column c at c * S
+    weight.copy_(w_src.to(DEVICE))
+    grad = view.as_strided((n, d), (S, 1), storage_offset=start + D + 64)  # token t at t * S (past W's column)
+    grad.copy_(grad_src.to(DEVICE))
+    ids = torch.tensor([WORDS.index("the"), WORDS.index("fox"), 0], device=DEVICE)
+    alpha, beta = scale_tables(P)
+    w = weight.detach().requires_grad_(True)
+    out = kernels.kronecker_embedding_triton(ids, table.bytes.to(DEVICE), table.lengths.to(DEVICE), w,
+                                             alpha.to(DEVICE), beta.to(DEVICE), deterministic=deterministic)
+    out.backward(grad)
+    ref_out, ref_dw = reference(table, ids.cpu(), w_src.double(), grad_src.double())
+    assert (out.cpu().double() - ref_out).abs().max() <= TOL[torch.float16] * ref_out.abs().max()
+    assert (w.grad.cpu().double() - ref_dw).abs().max() <= TOL[torch.float16] * ref_dw.abs().max()
+
+
+def test_autotuning_is_pruned_to_a_few_configs_per_shape():
+    import triton
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w) for bn, bd, w in
+               kernels.kronecker_embedding.FORWARD_CONFIGS]
+    prune = kernels.kronecker_embedding.prune_configs
+    assert len(configs) <= 6 and prune(configs, {"d": 4096}) == configs
+    assert {c.kwargs["BLOCK_D"] for c in prune(configs, {"d": 64})} == {64}
+    assert {c.kwargs["BLOCK_D"] for c in prune(configs, {"d": 130})} == {64, 128, 256}
+    assert [c.kwargs["BLOCK_D"] for c in prune(configs, {"d": 1})] == [64]
+
+
+def test_colsum_is_computed_once_per_optimizer_step_not_per_micro_batch():
+    kmod = kernels.kronecker_embedding
+    table = make_table(16)
+    emb = KroneckerEmbedding(table, 12, impl="triton").to(DEVICE)
+    opt = torch.optim.AdamW(emb.parameters(), lr=0.1, fused=True)     # fused: writes W without bumping _version
+    ids = torch.randint(0, table.vocab_size, (4, 5), device=DEVICE)
+    stats = kmod.colsum_stats
+
+    def micro_batch():
+        before = dict(stats)
+        out = emb(ids)
+        out.backward(torch.ones_like(out))
+        ref, _ = reference(table, ids.reshape(-1), emb.weight.double(), torch.zeros(20, 12, dtype=torch.float64))
+        assert torch.allclose(out.detach().cpu().double().reshape(-1, 12), ref, rtol=0, atol=1e-5 * ref.abs().max())
+        return stats["computed"] - before["computed"], stats["reused"] - before["reused"]
+
+    assert micro_batch() == (1, 0)
+    assert micro_batch() == (0, 1) and micro_batch() == (0, 1)    # gradient accumulation: S reused
+    version = emb.weight._version
+    opt.step()
+    assert emb.weight._version == version                        # only the step hook can tell W changed
+    assert micro_batch() == (1, 0)                               # and S follows the new W
+    assert micro_batch() == (0, 1)
+    with torch.no_grad():
+        emb.weight.mul_(2.0)                                     # an in-place write outside the optimizer
+    assert micro_batch() == (1, 0)
+    kmod.clear_colsum_cache()
+    assert micro_batch() == (1, 0)
+    emb.weight.grad = None
+    with torch.no_grad():                                        # cache_colsum=False never reuses
+        alpha, beta = scale_tables(16)
+        flat = ids.reshape(-1)
+        before = stats["reused"]
+        kernels.kronecker_embedding_triton(flat, emb.token_bytes, emb.token_lengths, emb.weight, alpha, beta,
+                                           cache_colsum=False)
+        assert stats["reused"] == before
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="host synchronisations are observable on CUDA only")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_makes_no_host_synchronisation(deterministic):
+    table = make_table(32)
+    alpha, beta = scale_tables(32)
+    w = torch.randn(codec_dim(32), 256, device="cuda", requires_grad=True)
+    ids = torch.randint(0, table.vocab_size, (300,), device="cuda")
+    tb, tl_ = table.bytes.cuda(), table.lengths.cuda()
+    alpha, beta = alpha.cuda(), beta.cuda()
+    grad = torch.randn(300, 256, device="cuda")
+    kernels.kronecker_embedding_triton(ids, tb, tl_, w, alpha, beta, deterministic=deterministic).backward(grad)
+    torch.cuda.synchronize()                                     # autotuning (which syncs) is done
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kernels.kronecker_embedding_triton(ids, tb, tl_, w, alpha, beta, deterministic=deterministic).backward(grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,9 +1,12 @@
 """KroneckerEmbedding: nn.Embedding's contract, one [256 * pos_dim, d] projection, no V x d table.
 
-The single-device module. Implementations (all compute DESIGN.md §2):
+The single-device module. Implementations (all compute docs/design.md §2):
 - `torch`: the closed form, codec.kronecker_embed_torch (embedding_bag over the <= P valid rows of
   each token weighted by alpha(L), plus beta(L) * colsum(W)); `auto` picks it off CUDA.
-- `triton`: the fused kernels in `kronecker_scale.kernels` (CUDA; chosen by `auto` there).
+- `triton`: the fused kernels in `kronecker_scale.kernels` (CUDA; chosen by `auto` there). They cache
+  colsum(W) until the optimizer steps (kernels/kronecker_embedding.py: cached_colsum) and, with
+  `gradient_accumulation_fusion=True`, add dW straight into `weight.main_grad` when the weight has one
+  (megatron's DDP buffers), giving the weight no separate gradient.
 - `dense`: the materialised reference, reference.kronecker_embed_dense ([N, D] code, then a matmul).
 """
 from __future__ import annotations
@@ -46,7 +49,8 @@ class KroneckerEmbedding(nn.Module):
 
     def __init__(self, byte_table: ByteTable, d_model: int, length_normalize: bool = True,
                  z_normalize: bool = True, eps: float = 1e-6, impl: str = "auto",
-                 deterministic: bool | None = None, device=None, dtype=None):
+                 deterministic: bool | None = None, gradient_accumulation_fusion: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         if impl not in IMPLS:
             raise KScaleError(f"unknown embedding impl {impl!r}", where="embedding.impl",
@@ -60,6 +64,7 @@ class KroneckerEmbedding(nn.Module):
         self.length_normalize, self.z_normalize, self.eps = length_normalize, z_normalize, eps
         self.impl = impl
         self.deterministic = deterministic
+        self.gradient_accumulation_fusion = gradient_accumulation_fusion
         self.byte_table_fingerprint = byte_table.fingerprint
         self.weight = nn.Parameter(torch.empty(self.codec_dim, d_model, device=device, dtype=dtype))
         self.register_buffer("token_bytes", byte_table.bytes.clone().to(device), persistent=True)
@@ -72,6 +77,17 @@ class KroneckerEmbedding(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=1.0 / math.sqrt(self.codec_dim))
+
+    def _apply(self, fn, recurse=True):
+        """Module casts (.bfloat16(), .half(), .float(): megatron's Float16Module, DeepSpeed) leave the scale
+        tables in fp64 (docs/design.md §2: computed once in fp64, cast where used); a bf16 alpha would be
+        ~0.2 % off per length. Device moves apply to them as to any buffer."""
+        super()._apply(fn, recurse)
+        if self.alpha.dtype != torch.float64 or self.beta.dtype != torch.float64:
+            alpha, beta = scale_tables(self.pos_dim, length_normalize=self.length_normalize,
+                                       z_normalize=self.z_normalize, eps=self.eps, dtype=torch.float64)
+            self.alpha, self.beta = alpha.to(self.alpha.device), beta.to(self.beta.device)
+        return self
 
     # --- implementation choice ------------------------------------------------------------
     def resolved_impl(self) -> str:
@@ -108,8 +124,10 @@ class KroneckerEmbedding(nn.Module):
         impl = self.resolved_impl()
         if impl == "triton":
             from kronecker_scale.kernels import kronecker_embedding_triton
+            main_grad = getattr(self.weight, "main_grad", None) if self.gradient_accumulation_fusion else None
             out = kronecker_embedding_triton(flat, self.token_bytes, self.token_lengths, self.weight,
-                                             self.alpha, self.beta, deterministic=self.deterministic)
+                                             self.alpha, self.beta, deterministic=self.deterministic,
+                                             main_grad=main_grad)
         else:
             out = self._embed_bytes(self.token_bytes[flat], self.token_lengths[flat], impl)
         return out.reshape(*ids.shape, self.embedding_dim)
