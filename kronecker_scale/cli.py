@@ -162,7 +162,7 @@ def cmd_launch(args) -> int:
     from .launch import slurm, sweep
     con = _console()
     if args.sweep or args.grid:
-        spec = sweep.read_sweep(args.sweep) if args.sweep else {"name": args.name or "sweep"}
+        spec: dict = sweep.read_sweep(args.sweep) if args.sweep else {"name": args.name or "sweep"}
         if args.grid:
             spec["grid"] = {**(spec.get("grid") or {}), **sweep.grid_from_args(args.grid)}
         jobs = slurm.launch_sweep(args.config, args.overrides, spec, args.sweep_dir, args.dry_run, console=print)
@@ -233,10 +233,11 @@ def cmd_compare(args) -> int:
 def cmd_prepare_data(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    from .data.prepare import list_inputs, prepare_data
+    from .data.prepare import foreign_files, list_inputs, prepare_data
     from .tokenizer.assets import tokenizer_path
     con = _console()
     files = list_inputs(args.inputs) + (list_inputs(args.val_input) if args.val_input else [])
+    kept = foreign_files(args.out) if args.overwrite else []      # what --overwrite leaves in place
     total = sum(f.stat().st_size for f in files)
     with Progress(TextColumn("tokenizing"), BarColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                   TextColumn("{task.fields[tokens]:,} tokens"), console=con) as bar:
@@ -254,6 +255,9 @@ def cmd_prepare_data(args) -> int:
               f"{m['tokens_per_second']:,} tokens/s with {m['workers']} workers "
               f"({m['tokens_per_second'] / m['workers']:,.0f} per worker)"
               + (f"; skipped {len(m['skipped_files'])} unreadable files" if m["skipped_files"] else ""))
+    if kept:
+        con.print(f"kept {len(kept)} other file(s) in {args.out} (not written by prepare-data): "
+                  + ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""))
     return 0
 
 
@@ -388,8 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-field", default="text", help="JSON Lines / Parquet field holding the text")
     s.add_argument("--workers", type=int, help="tokenizer processes (default: cores)")
     s.add_argument("--vocab-size", type=int, help="the model's vocabulary size (ids must be below it)")
-    s.add_argument("--eod-id", type=int, help="end-of-document id (default: the tokenizer's EOS)")
-    s.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    s.add_argument("--eod-id", type=int,
+                   help="end-of-document id (default: the tokenizer's EOS); a real token: 0 <= id < its vocabulary")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset already in --out (only its own files: other files there are kept)")
     s.add_argument("--skip-bad", action="store_true", help="skip unreadable/undecodable files (counted)")
     s.set_defaults(func=cmd_prepare_data)
 
@@ -468,7 +474,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["KSCALE_VERBOSE"] = "1"           # rank processes inherit it
     from . import quiet
     quiet.install(os.environ.get("KSCALE_VERBOSE") == "1")   # before megatron / deepspeed are imported
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:                    # key=value overrides after an option (`train CONFIG --nproc 2 optim.lr=1e-3`)
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = [*args.overrides, *rest]
     try:
         return args.func(args)
     except KScaleError as e:

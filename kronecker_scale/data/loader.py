@@ -211,6 +211,8 @@ def _discard(root: Path, path: Path) -> None:
 
 def _write_copy(root: Path, key: str, split_dir: Path, fingerprint: str) -> None:
     """Called under the copy's write lock: no one else is writing it."""
+    from .integrity import verify_split
+    verify_split(split_dir)             # sizes and SHA-256 of the shards vs the manifest: once per node copy
     for stale in root.glob(f".{key}.tmp-*"):              # a writer killed midway
         shutil.rmtree(stale, ignore_errors=True)
     entry = root / key

@@ -7,7 +7,14 @@ overlap by one token (sample k = stream[k*seq_len : k*seq_len + seq_len + 1]), s
 very first is a target exactly once. Samples are uint32 (vocabularies above 65,535 are the point).
 
 The output is written under a temporary name and renamed when complete: a crash leaves whatever was
-there before untouched.
+there before untouched. The manifest records the size and SHA-256 of every file of each split (index.json and
+the shards; integrity.py), which the loader checks before it reads them.
+
+--out is a folder that does not exist, an empty folder, or (with --overwrite) a dataset prepare-data made.
+--overwrite replaces only what prepare-data wrote there (manifest.json, and in each split folder index.json
+and the shards); any other file in the folder is kept (hard-linked into the new folder before the swap, so
+a crash at any moment still leaves every one of them in place). A folder with other files and no dataset, or
+with a manifest.json that is not a kscale dataset's, is refused.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,12 +33,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import KScaleError
+from .integrity import INDEX, file_records, split_files
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 MANIFEST = "manifest.json"
 FORMAT = "kscale-tokens-v1"
+SPLITS = ("train", "val")
+_SHARD_NAME = re.compile(r"^shard\.\d{5}\.mds(\.zstd)?$")      # what streaming's MDSWriter names the shards
 
 
 @dataclass
@@ -75,7 +86,8 @@ def _decode(raw: bytes, path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise KScaleError(f"not valid UTF-8 at byte offset {e.start}", where=str(path),
-                          fix="convert the file to UTF-8, or pass --skip-bad to skip such files (they are counted)")
+                          fix="convert the file to UTF-8, or pass --skip-bad to skip such files (they are counted)"
+                          ) from None
 
 
 def read_documents(path: Path, text_field: str = "text") -> list[str]:
@@ -170,6 +182,151 @@ def _validation_doc(path: str, index: int, fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
+# --- the output folder ------------------------------------------------------------------------------
+def _own_files(out_dir: Path, manifest: dict) -> set[str]:
+    """The paths (relative, POSIX) in out_dir that a previous prepare-data wrote: manifest.json and, in each
+    split folder, index.json, the files the manifest records, the shards index.json lists, and files with
+    the MDS shard names (so a dataset whose index is damaged can still be replaced)."""
+    own = {MANIFEST}
+    for split in {*SPLITS, *(manifest.get("splits") or {})}:
+        if not isinstance(split, str) or not split or "/" in split or split in (".", ".."):
+            continue
+        split_dir = out_dir / split
+        if not split_dir.is_dir() or split_dir.is_symlink():
+            continue
+        names = {INDEX} | {r["file"] for r in (manifest.get("splits") or {}).get(split, {}).get("files", [])
+                          if isinstance(r, dict) and isinstance(r.get("file"), str)}
+        try:
+            names |= set(split_files(split_dir))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        names |= {f.name for f in split_dir.iterdir() if _SHARD_NAME.match(f.name)}
+        own |= {f"{split}/{n}" for n in names if "/" not in n}
+    return own
+
+
+def _foreign(folder: Path, manifest: dict):
+    """(relative path, path, is an empty folder) of everything in a dataset folder that prepare-data did not
+    write, folders only when empty (a folder with content is recreated for its files)."""
+    own = _own_files(folder, manifest)
+    splits = {*SPLITS, *(manifest.get("splits") or {})}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        rel_dir = Path(dirpath).relative_to(folder)
+        for name in sorted(dirnames + filenames):
+            path, rel = Path(dirpath) / name, (rel_dir / name).as_posix()
+            if rel in own:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                if not (rel_dir == Path(".") and name in splits) and not any(path.iterdir()):
+                    yield rel, path, True
+                continue
+            yield rel, path, False
+
+
+def foreign_files(out_dir: str | Path) -> list[str]:
+    """What `--overwrite` keeps in a dataset folder: the files (and empty folders, with a trailing /) that
+    prepare-data did not write, as relative paths. Empty when out_dir holds no dataset."""
+    out_dir = Path(out_dir)
+    try:
+        manifest = read_manifest(out_dir)
+    except KScaleError:
+        return []
+    return [rel + "/" if empty else rel for rel, _, empty in _foreign(out_dir, manifest)]
+
+
+def _check_out(out_dir: Path, overwrite: bool) -> None:
+    """--out must be a new folder, an empty one, or (with --overwrite) a dataset of ours."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise KScaleError("--out is a file, not a folder", where=str(out_dir),
+                          fix="give a folder for the dataset (created if missing), or move the file away")
+    if os.path.lexists(out_dir) and not out_dir.exists():
+        raise KScaleError("--out is a symbolic link to nothing", where=f"{out_dir} -> {os.readlink(out_dir)}",
+                          fix="give a folder for the dataset (created if missing), or remove the link")
+    for parent in out_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise KScaleError(f"--out lies under {parent}, which is a file, not a folder", where=str(out_dir),
+                                  fix="give a folder path whose parents are folders")
+            break
+    if not out_dir.exists():
+        return
+    if (out_dir / MANIFEST).exists():
+        if not overwrite:
+            raise KScaleError("the output folder already holds a dataset", where=str(out_dir),
+                              fix="choose another --out, or pass --overwrite to replace it (only the dataset's own "
+                                  "files are replaced; other files in the folder are kept)")
+        try:
+            read_manifest(out_dir)
+        except KScaleError as e:
+            raise KScaleError(f"--overwrite refused: the folder's manifest.json is not a kscale dataset's ({e.what})",
+                              where=str(out_dir / MANIFEST),
+                              fix="choose another --out; if it is an old dataset you no longer need, delete the "
+                                  "folder yourself") from None
+        return
+    try:
+        names = sorted(p.name for p in out_dir.iterdir())
+    except OSError as e:
+        raise KScaleError(f"cannot list the output folder ({e.strerror})", where=str(out_dir)) from None
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise KScaleError(f"the output folder is not empty and is not a dataset (it holds {shown})", where=str(out_dir),
+                          fix="choose an empty or new --out; prepare-data never deletes files it did not write")
+
+
+def _check_eod(tok, eod: int, model_vocab: int, given: bool, tokenizer) -> None:
+    """The end-of-document id must be a real token: 0 <= id < the tokenizer's ids (and the model's)."""
+    real = tok.vocab_size
+    top = min(real, model_vocab)
+    name = f"--eod-id {eod}" if given else f"the end-of-document token id {eod}"
+    fix = (f"pass an id in 0..{top - 1}: the tokenizer's end-of-document token"
+           + (f" ({tok.eos_id})" if tok.eos_id is not None and tok.eos_id < top else "")
+           + " or another real token such as the newline")
+    if eod < 0:
+        raise KScaleError(f"{name} is negative; valid ids are 0..{top - 1}", where="--eod-id", fix=fix)
+    if eod >= real:
+        what = (f"{name} is not a token: the tokenizer has {real:,} ids (valid: 0..{real - 1}); ids from {real:,} "
+                f"up are only the model's vocabulary padding (rows that never train) or outside its table")
+        raise KScaleError(what, where=f"--eod-id, tokenizer {tokenizer}", fix=fix)
+    if eod >= model_vocab:
+        raise KScaleError(f"{name} is >= the model's vocabulary size {model_vocab} (--vocab-size); valid ids are "
+                          f"0..{top - 1}", where="--eod-id" if given else "--vocab-size", fix=fix)
+    if not tok.exact_bytes()[eod]:
+        raise KScaleError(f"{name} is an unused id of the tokenizer (it has no bytes); valid ids are 0..{top - 1}, "
+                          f"except such holes", where=f"--eod-id, tokenizer {tokenizer}", fix=fix)
+
+
+def _keep_foreign(old: Path, new: Path, manifest: dict) -> list[str]:
+    """Hard-link every file of the dataset folder `old` that prepare-data did not write into the same place
+    under `new` (folders recreated, symbolic links copied as links); returns the relative paths kept."""
+    kept = []
+    for rel, src, empty in _foreign(old, manifest):
+        dst = new / rel
+        if empty:
+            if not dst.exists():
+                dst.mkdir(parents=True)
+                shutil.copystat(src, dst)
+            kept.append(rel + "/")
+            continue
+        if os.path.lexists(dst):
+            raise KScaleError(f"--overwrite refused: {rel} in the output folder is not part of the old dataset and "
+                              f"has the name of a file of the new one; nothing was changed", where=str(src),
+                              fix="move the file out of the folder, then run again")
+        try:
+            if not dst.parent.exists():
+                dst.parent.mkdir(parents=True)
+                shutil.copystat(src.parent, dst.parent)
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dst)
+            else:
+                os.link(src, dst)
+        except OSError as e:
+            raise KScaleError(f"--overwrite cannot keep {rel}, a file in the output folder that prepare-data did not "
+                              f"write (hard link: {e.strerror}); nothing was changed", where=str(src),
+                              fix="move the other files out of the folder, then run again") from None
+        kept.append(rel)
+    return kept
+
+
 def prepare_data(tokenizer: str | Path, inputs: list, out_dir: str | Path, seq_len: int, *,
                  val_inputs: list | None = None, val_fraction: float = 0.0, text_field: str = "text",
                  workers: int | None = None, overwrite: bool = False, skip_bad: bool = False,
@@ -178,21 +335,19 @@ def prepare_data(tokenizer: str | Path, inputs: list, out_dir: str | Path, seq_l
     """Tokenize `inputs` into MDS shards under out_dir/{train,val}; returns the manifest."""
     from ..tokenizer import load_tokenizer
     from .streaming_adapter import import_streaming
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()
+    if out_dir.is_symlink() and out_dir.is_dir():
+        out_dir = out_dir.resolve()                       # write where the link points; the link stays
     if seq_len < 1:
         raise KScaleError(f"seq_len must be >= 1, got {seq_len}", where="--seq-len")
-    if (out_dir / MANIFEST).exists() and not overwrite:
-        raise KScaleError("the output folder already holds a dataset", where=str(out_dir),
-                          fix="choose another --out, or pass --overwrite to replace it")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
-        raise KScaleError("the output folder exists and is not empty (and is not a dataset)", where=str(out_dir),
-                          fix="choose an empty or new --out")
+    _check_out(out_dir, overwrite)
     tok = load_tokenizer(tokenizer)
     eod = tok.eos_id if eod_id is None else eod_id
     if eod is None:
         raise KScaleError("the tokenizer has no end-of-document token", where=str(tokenizer),
                           fix="pass --eod-id ID")
     model_vocab = vocab_size or tok.vocab_size
+    _check_eod(tok, int(eod), model_vocab, eod_id is not None, tokenizer)
     splits = {"train": list_inputs(inputs)}
     if val_inputs:
         splits["val"] = list_inputs(val_inputs)
@@ -202,7 +357,11 @@ def prepare_data(tokenizer: str | Path, inputs: list, out_dir: str | Path, seq_l
     streaming = import_streaming()
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise KScaleError(f"cannot create a folder next to the output folder ({e.strerror})", where=str(tmp),
+                          fix="give an --out in a folder you can write") from None
     stats = PrepareStats()
     t0 = time.perf_counter()
     columns = {"tokens": f"ndarray:uint32:{seq_len + 1}"}
@@ -238,6 +397,7 @@ def prepare_data(tokenizer: str | Path, inputs: list, out_dir: str | Path, seq_l
                         progress(path, stats)
         for w in writers.values():
             w.finish()
+        records = {name: file_records(tmp / name) for name in packers}   # sizes and SHA-256: the loader checks them
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -250,16 +410,29 @@ def prepare_data(tokenizer: str | Path, inputs: list, out_dir: str | Path, seq_l
         "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eod_id": int(eod),
         "seq_len": seq_len, "sample_tokens": seq_len + 1, "dtype": "uint32",
         "splits": {name: {"samples": packers[name].samples, "tokens": tokens_per_split[name],
-                          "dropped_tail_tokens": packers[name].leftover()} for name in packers},
+                          "dropped_tail_tokens": packers[name].leftover(), "files": records[name]}
+                   for name in packers},
         "documents": stats.documents, "bytes_read": stats.bytes_read, "sources": sources,
         "skipped_files": stats.skipped_files, "seconds": round(seconds, 3),
         "tokens_per_second": round(stats.tokens / max(seconds, 1e-9)), "workers": workers,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
+    try:
+        if out_dir.exists():
+            # the swap replaces the whole folder: what prepare-data did not write comes along as hard links
+            previous = read_manifest(out_dir) if (out_dir / MANIFEST).exists() else {"splits": {}}
+            _keep_foreign(out_dir, tmp, previous)
+            out_dir.rename(old)
+        try:
+            tmp.rename(out_dir)
+        except BaseException:
+            if old.exists() and not out_dir.exists():
+                old.rename(out_dir)                        # put the previous folder back
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     return manifest
 
