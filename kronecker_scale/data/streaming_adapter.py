@@ -3,10 +3,10 @@ the uncompressed copy of a dataset that the node's data cache holds.
 
 - Import: `import streaming` imports torchvision, which cannot load beside a CPU torch (PyPI's
   torchvision is a CUDA build); when torchvision is unusable, `streaming.vision` is pre-seeded with an
-  empty module so the text parts import (research/feasibility.md §5).
+  empty module so the text parts import.
 - World: streaming reads RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from the environment when a
-  dataset is built. Those are the global ranks, which are wrong under tensor and pipeline parallelism
-  (research/anchors.md §3): TP ranks and PP stages of one replica must see the same samples. The
+  dataset is built. Those are the global ranks, which are wrong under tensor and pipeline parallelism:
+  TP ranks and PP stages of one replica must see the same samples. The
   adapter builds datasets inside `data_parallel_world(dp_rank, dp_size)`, which presents each
   data-parallel rank as its own streaming node. That is what fixes the sample order (streaming's
   partition depends on its node layout), so it stays as it is: every process is its own streaming node
@@ -253,7 +253,12 @@ def write_uncompressed_copy(src: Path, out: Path) -> dict[str, int]:
         except OSError as e:
             raise KScaleError(f"cannot read a shard ({e})", where=str(src), fix="prepare the dataset again") from None
         if zipped and algo:
-            data = decompress(algo, data)
+            try:
+                data = decompress(algo, data)
+            except Exception as e:        # zstd's own error types; a damaged shard of an older dataset
+                raise KScaleError(f"shard {zipped['basename']} is damaged: {algo} cannot decompress it ({e})",
+                                  where=str(src / zipped["basename"]),
+                                  fix="copy the dataset again, or prepare it again with --overwrite") from None
         if len(data) != raw["bytes"]:
             raise KScaleError(f"shard {raw['basename']} has {len(data):,} bytes, its index says {raw['bytes']:,}",
                               where=str(src), fix="prepare the dataset again")
