@@ -85,7 +85,7 @@ def _worker(rank: int, world: int, init_file: str, args: dict, out_dir: str) -> 
                                                   model_cfg=cfg).to(device)
             grad = torch.randn(s // world if sp else s, b, d, device=device)
 
-            def step():
+            def step(emb=emb, grad=grad):
                 emb.word_embeddings.weight.grad = None
                 emb(ids, None).backward(grad)
                 w = emb.word_embeddings.weight

@@ -128,12 +128,20 @@ sec_large_probe() { "$PY" tools/gpu_bench_point.py large-probe --json "$OUT/larg
 
 export DATA=runs/data/corpus-tekken-2048          # the path configs/scale/1b-131k.yaml reads
 sec_data() {
-  "$K" demo-corpus --out runs/data/corpus >&2 || return
-  if [ ! -f "$DATA/manifest.json" ]; then
-    "$K" prepare-data --tokenizer tekken --seq-len 2048 --out "$DATA" runs/data/corpus/train \
-      --val-input runs/data/corpus/heldout >&2 || return
+  local train=runs/data/corpus/train heldout=runs/data/corpus/heldout source="kscale demo-corpus"
+  if ! "$K" demo-corpus --out runs/data/corpus >&2; then
+    # a GPU node without the network (and no npm cache): the Python standard library's own sources
+    # are real English-and-code text that is always there
+    local stdlib; stdlib=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+    mkdir -p runs/data/stdlib-corpus/train runs/data/stdlib-corpus/heldout
+    cp "$stdlib"/[a-m]*.py runs/data/stdlib-corpus/train/ && cp "$stdlib"/[t-z]*.py runs/data/stdlib-corpus/heldout/
+    for f in runs/data/stdlib-corpus/*/*.py; do mv "$f" "${f%.py}.txt"; done
+    train=runs/data/stdlib-corpus/train heldout=runs/data/stdlib-corpus/heldout source="the Python standard library (offline)"
   fi
-  echo "\`kscale demo-corpus\` + \`kscale prepare-data --tokenizer tekken --seq-len 2048\` -> $DATA ($(du -sh "$DATA" | cut -f1))"
+  if [ ! -f "$DATA/manifest.json" ]; then
+    "$K" prepare-data --tokenizer tekken --seq-len 2048 --out "$DATA" "$train" --val-input "$heldout" >&2 || return
+  fi
+  echo "$source + \`kscale prepare-data --tokenizer tekken --seq-len 2048\` -> $DATA ($(du -sh "$DATA" | cut -f1))"
 }
 
 # the 4-layer 1b-131k: one GPU, no TP/SP, 32 sequences of 2,048 tokens per step (8 micro-batches of 4);

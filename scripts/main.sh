@@ -7,7 +7,8 @@
 # Every step is resumable: a second run reuses the corpus and data and resumes the runs from `latest`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup.sh     # KSCALE_TARGET: cpu, or cuda when nvidia-smi lists a GPU (docs/setup.md)
+# the set-up the .venv was made for, else the CPU one (KSCALE_TARGET=cuda on a GPU node: docs/setup.md)
+KSCALE_TARGET=${KSCALE_TARGET:-$(cat .venv/.kscale-target 2>/dev/null || echo cpu)} bash scripts/setup.sh
 K=.venv/bin/kscale
 $K demo-corpus --out runs/data/corpus
 if [ ! -f runs/data/demo-gpt2-128/manifest.json ]; then

@@ -1,5 +1,5 @@
 """A real single-node Slurm for the launch tests: Debian's slurm-wlm packages, munge, slurmctld and
-slurmd on localhost (the set-up measured in shared/research/feasibility.md §6), stopped by PID.
+slurmd on localhost, stopped by PID.
 
 `start()` returns None when this machine cannot run one (not root, no apt), with the reason in
 `SKIP_REASON`, so the tests skip and say why. A Slurm that is already up (sinfo answers) is used as

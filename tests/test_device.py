@@ -153,3 +153,14 @@ def test_tools_run_on_the_cpu_when_a_gpu_is_visible(tmp_path_factory, monkeypatc
     assert torch.equal(logits, reference)
     with pytest.raises(KScaleError, match="unknown device"):
         load_checkpoint(run, device="tpu")
+
+
+def test_overrides_may_follow_options(tmp_path):
+    """`kscale train CONFIG --nproc 1 key=value`: the override after an option is applied (here it asks for
+    CUDA, which stops the run), and an unknown option is still refused."""
+    from tiny_runs import kscale
+    r = kscale("train", REPO / "configs" / "tiny-cpu.yaml", "--nproc", "1", "run.device=cuda",
+               f"run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and "run.device=cuda" in r.stderr
+    r = kscale("train", REPO / "configs" / "tiny-cpu.yaml", "--nproc", "1", "--bogus")
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr

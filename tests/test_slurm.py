@@ -147,7 +147,7 @@ def test_job_preempted_twice_resumes_to_the_same_losses(slurm, tmp_path, referen
     job_id = json.loads((run / "slurm" / "job.json").read_text())["job_id"]
     resumed_at = []
     for target in (8, 22):
-        wait_for(lambda: steps_logged(run) >= target, 240, f"step {target}")
+        wait_for(lambda target=target: steps_logged(run) >= target, 240, f"step {target}")
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)      # what Slurm sends before a limit
         wait_for(lambda: len(list((run / "slurm" / job_id).glob("*_0_log.out"))) and
                  (run / "slurm" / job_id / f"{job_id}_0_log.out").read_text().count("resumed from") > len(resumed_at),

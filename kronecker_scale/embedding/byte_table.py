@@ -1,6 +1,6 @@
 """The byte table: every token id's UTF-8 bytes, cut to pos_dim, as uint8 [V, P] + int16 [V] lengths.
 
-Built once from the tokenizer (DESIGN.md §3), saved beside every checkpoint with a fingerprint, and
+Built once from the tokenizer (docs/design.md §3), saved beside every checkpoint with a fingerprint, and
 checked on load. About 4.5 MB at V = 131,072, P = 32.
 """
 from __future__ import annotations
@@ -101,8 +101,8 @@ class ByteTable:
                          tokenizer_fingerprint: str | None = None, source: str | None = None) -> "ByteTable":
         check_pos_dim(pos_dim)
         V = len(token_bytes)
-        table = np.zeros((V, pos_dim), dtype=np.uint8)
-        lengths = np.zeros(V, dtype=np.int16)
+        table: np.ndarray = np.zeros((V, pos_dim), dtype=np.uint8)
+        lengths: np.ndarray = np.zeros(V, dtype=np.int16)
         for i, b in enumerate(token_bytes):
             b = utf8_safe_truncate(b, pos_dim)
             table[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""The Kronecker codec of DESIGN.md §2 in closed form: the runtime math (the materialised reference is
+"""The Kronecker codec of docs/design.md §2 in closed form: the runtime math (the materialised reference is
 reference.py).
 
 For a token with L bytes b_0..b_{L-1} (P = pos_dim, D = 256 * P), the reference builds the D-wide

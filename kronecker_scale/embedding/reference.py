@@ -1,4 +1,4 @@
-"""The reference implementation of the Kronecker codec (DESIGN.md §2), materialised.
+"""The reference implementation of the Kronecker codec (docs/design.md §2), materialised.
 
 `dense_codec` builds the D-wide code of every token exactly as the reference package does (L cells
 s(L) = 1/sqrt(L) at byte * P + pos, then z-normalisation with the unbiased std + eps), and

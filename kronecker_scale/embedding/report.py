@@ -57,12 +57,12 @@ def plot_length_histograms(tables: dict[tuple[str, int], ByteTable], out: Path) 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    largest = {}
+    largest: dict[str, tuple[int, ByteTable]] = {}
     for (name, P), t in tables.items():
         if P >= largest.get(name, (0, None))[0]:
             largest[name] = (P, t)
     fig, (ax, tail) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, (P, t) in largest.items():
+    for name, (_, t) in largest.items():
         n = t.num_token_ids
         full = t.full_lengths if t.full_lengths is not None else t.lengths[:n].numpy()
         counts = np.bincount(np.clip(full, 0, 40), minlength=41)[1:] / n

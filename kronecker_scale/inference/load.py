@@ -12,11 +12,17 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import KScaleError
+
+if TYPE_CHECKING:
+    from ..embedding import ByteTable
+    from ..model.config import GPTConfig
+    from ..tokenizer import TokenizerFile
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -99,10 +105,10 @@ def read_tensors(step_dir: Path, keys: list[str]) -> dict[str, torch.Tensor]:
 class LoadedCheckpoint:
     path: Path
     cfg: DictConfig                 # the run's resolved config
-    model_cfg: object               # GPTConfig
+    model_cfg: GPTConfig
     model: torch.nn.Module          # KroneckerGPTModel, eval mode, fp32, TP = PP = 1
-    byte_table: object | None       # ByteTable of the real ids (Kronecker), unpadded
-    tokenizer: object               # kronecker_scale.tokenizer TokenizerFile
+    byte_table: ByteTable | None    # of the real ids (Kronecker), unpadded
+    tokenizer: TokenizerFile
     vocab_size: int                 # real ids (the tokenizer's); the model's rows beyond are padding
     step: int
     tokens: int
@@ -136,7 +142,7 @@ class LoadedCheckpoint:
         if ids.shape[1] > self.model_cfg.seq_len and self.model_cfg.position == "learned_absolute":
             raise KScaleError(f"{ids.shape[1]} tokens exceed the model's {self.model_cfg.seq_len} positions",
                               fix="use a shorter prompt")
-        captured = {}
+        captured: dict = {}
         hook = self.model.decoder.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out))
         try:
             positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)

@@ -35,6 +35,11 @@ and covers these CUDA assumptions (paths under megatron/core/, line numbers of 0
    (``Float16OptimizerWithFloat16Params.__init__``). Only while one of those functions runs does
    a no-argument ``.type()`` of a CPU tensor read "torch.cuda.<X>Tensor"; elsewhere it is untouched.
 
+5. Activation recompute. ``CheckpointFunction.backward`` (tensor_parallel/random.py) re-runs the
+   forward inside ``torch.autograd.backward``, where the device mode of item 2 is off (a mode is off
+   inside its own handler), so e.g. the causal mask of transformer/utils.py:39 would ask for CUDA: the
+   recompute runs with the mode pushed again.
+
 ``disable()`` restores every original and pops the mode. Scripts that use dist_checkpointing need
 an ``if __name__ == "__main__":`` guard (it starts a spawn-context multiprocessing Manager).
 """
@@ -115,6 +120,19 @@ def _cuda_type_scope(fn):
     return wrapper
 
 
+@contextlib.contextmanager
+def _device_mode_on():
+    """The device mode on the stack for a block that runs where it is off (inside autograd's backward)."""
+    if _mode is None or _mode in _get_current_function_mode_stack():
+        yield
+        return
+    _mode.__enter__()
+    try:
+        yield
+    finally:
+        _mode.__exit__(None, None, None)
+
+
 def _set(owner, name, value) -> None:
     _patches.append((owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, type)
                      else getattr(owner, name, _MISSING)))
@@ -169,6 +187,13 @@ def _install() -> None:
     _set(torch.cuda, "Event", _NoOpStream)
     _set(torch.cuda, "stream", lambda stream=None: contextlib.nullcontext())
     _set(torch.cuda, "synchronize", lambda device=None: None)
+    # 5. activation recompute: the re-run forward sees the device mode again.
+    checkpoint_backward = mp_random.CheckpointFunction.backward
+
+    def recompute_backward(ctx, *args):
+        with _device_mode_on():
+            return checkpoint_backward(ctx, *args)
+    _set(mp_random.CheckpointFunction, "backward", staticmethod(recompute_backward))
     # 4. cuda type-string checks, scoped to the functions that make them.
     clip = clip_grads.clip_grad_by_total_norm_fp32
     wrapped_clip = _cuda_type_scope(clip)

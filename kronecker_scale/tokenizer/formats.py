@@ -4,7 +4,7 @@
 tiktoken-format rank file (`*.tiktoken`, gzip too, and Llama 3's `tokenizer.model`, which is one),
 Mistral's Tekken JSON and a SentencePiece `.model`. Each reader gives, per id:
 
-- `exact_bytes()`: the true bytes of the token (DESIGN.md §3): the byte-level alphabet mapped back,
+- `exact_bytes()`: the true bytes of the token (docs/design.md §3): the byte-level alphabet mapped back,
   SentencePiece `▁` as a space and `<0xNN>` as byte NN, tiktoken bytes as they are, special and added
   tokens as the UTF-8 of their text; ids the tokenizer does not define are b"".
 - `decode_bytes()`: the reference package's rule, for parity with the paper: `<0xNN>` pieces are byte
@@ -363,7 +363,8 @@ class SentencePieceTokenizer(TokenizerFile):
         for i in range(self.sp.get_piece_size()):
             piece = self.sp.id_to_piece(i)
             if self.sp.is_byte(i):
-                out.append(bytes([int(_BYTE_PIECE.match(piece).group(1), 16)]))
+                m = _BYTE_PIECE.match(piece)
+                out.append(bytes([int(m.group(1), 16)]))  # type: ignore[union-attr]  # is_byte(i): piece is <0xNN>
             elif i in self.special_ids:
                 out.append(piece.encode("utf-8"))
             else:
