@@ -8,7 +8,6 @@ continuation.
 """
 from __future__ import annotations
 
-
 from ..errors import KScaleError
 from .report import labels_for, markdown_table, write_outputs
 

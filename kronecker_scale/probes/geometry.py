@@ -52,7 +52,7 @@ class Space:
 
     def ids_with_bytes(self, raw: bytes) -> list[int]:
         if not hasattr(self, "_by_bytes"):
-            self._by_bytes = {}
+            self._by_bytes: dict[bytes, list[int]] = {}
             for i, b in enumerate(self.token_bytes):
                 self._by_bytes.setdefault(b, []).append(i)
         return self._by_bytes.get(raw, [])
@@ -64,12 +64,12 @@ class Space:
         ids = self.probe_ids(probe)
         if not ids:
             raise KScaleError(f"probe {probe!r} encodes to no tokens")
-        vec = self.table[ids].mean(0)
+        vec = self.table[ids].mean(0)  # type: ignore[index]  # None only in CodecSpace, which overrides cosines
         return self.table @ torch.nn.functional.normalize(vec, dim=0)
 
 
 class CodecSpace(Space):
-    """The Kronecker code (DESIGN.md §2) of every id, cosine in closed form."""
+    """The Kronecker code (docs/design.md §2) of every id, cosine in closed form."""
 
     def __init__(self, token_bytes: list[bytes], encode, pos_dim: int, length_normalize=True, z_normalize=True,
                  name: str = "codec"):

@@ -4,11 +4,23 @@ Per pair and model: top-1 preservation (argmax equal), KL(clean || typo) over th
 nats, cosine of the last hidden states (after the final norm), and the log-prob drop of the clean
 top-1 token, log p(top1 | clean) - log p(top1 | typo). Summaries per category and overall; every model
 reads the prompts with its own tokenizer.
+
+Token counts, as the paper defines them: `token_inflation` = mean over pairs of (n_typo - n_clean), the
+extra tokens a typo costs (the paper's mean_token_inflation); `token_ratio` = sum n_typo / sum n_clean.
+`distinct_top1_clean` / `_typo`: how many different next tokens a model predicts over the pairs (a
+model that answers " the" everywhere preserves its top-1 cheaply).
+
+Suspect pairs (clean and typo identical, or equal once whitespace is removed: no spelling change) are
+listed in the result and warned about, and still scored, so a published pair set is measured as it is.
+
+Pairs files: JSON Lines {category, clean, typo, ...} (the shipped set), or a JSON file holding a list of
+such records or {"prompt_pairs": [...]} (the layout of the paper's reference results file).
 """
 from __future__ import annotations
 
 import json
 import statistics
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -25,26 +37,80 @@ def default_pairs() -> Path:
 
 
 def read_pairs(path: str | Path) -> list[dict]:
+    """The pairs of a JSON Lines file, or of a JSON file (a list of pairs, or {"prompt_pairs": [...]})."""
     path = Path(path)
     if not path.is_file():
         raise KScaleError("pairs file not found", where=str(path), fix=f"see {default_pairs()} for the format")
-    pairs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KScaleError(f"malformed JSON ({e.msg})", where=f"{path}:{n}") from None
+    text = path.read_text(encoding="utf-8")
+    records = _json_document(text, path)
+    if records is None:                           # JSON Lines
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise KScaleError(f"malformed JSON ({e.msg})", where=f"{path}:{n}") from None
+    pairs: list[dict] = []
+    for where, rec in records:
         missing = [k for k in REQUIRED if not isinstance(rec, dict) or not isinstance(rec.get(k), str)
                    or not rec.get(k)]
         if missing:
-            raise KScaleError(f"pair has no string field {missing[0]!r}", where=f"{path}:{n}",
+            raise KScaleError(f"pair has no string field {missing[0]!r}", where=where,
                               fix='each line is {"category": ..., "clean": ..., "typo": ...}')
+        assert isinstance(rec, dict)              # checked just above
         pairs.append(rec)
     if not pairs:
         raise KScaleError("pairs file is empty", where=str(path))
     return pairs
+
+
+def _json_document(text: str, path: Path) -> list[tuple[str, object]] | None:
+    """(where, record) of a whole-file JSON pairs document; None when the file is JSON Lines."""
+    stripped = text.lstrip()
+    if not stripped.startswith(("[", "{")):
+        return None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return None                               # several JSON objects: JSON Lines
+    if isinstance(doc, dict) and isinstance(doc.get("prompt_pairs"), list):
+        doc = doc["prompt_pairs"]
+    elif isinstance(doc, dict):
+        return [(f"{path}:1", doc)]               # one pair on one line
+    if not isinstance(doc, list):
+        raise KScaleError("a JSON pairs file holds a list of pairs or {\"prompt_pairs\": [...]}", where=str(path))
+    return [(f"{path}: pair {i}", rec) for i, rec in enumerate(doc)]
+
+
+def suspect_pairs(pairs: list[dict]) -> list[dict]:
+    """Pairs with no spelling change: typo == clean, or equal once whitespace is removed."""
+    out = []
+    for i, p in enumerate(pairs):
+        if p["clean"] == p["typo"]:
+            reason = "identical"
+        elif "".join(p["clean"].split()) == "".join(p["typo"].split()):
+            reason = "differ only in whitespace"
+        else:
+            continue
+        out.append({"index": i, "category": p["category"], "clean": p["clean"], "typo": p["typo"], "reason": reason})
+    return out
+
+
+def token_counts(tokenizer, pairs: list[dict]) -> list[dict]:
+    """{tokens_clean, tokens_typo} of every pair with this tokenizer (no special tokens added)."""
+    return [{"tokens_clean": len(tokenizer.encode(p["clean"])), "tokens_typo": len(tokenizer.encode(p["typo"]))}
+            for p in pairs]
+
+
+def token_stats(records: list[dict]) -> dict:
+    """token_inflation (the paper's: mean of n_typo - n_clean) and token_ratio (sum n_typo / sum n_clean)."""
+    n = len(records)
+    clean = sum(r["tokens_clean"] for r in records)
+    typo = sum(r["tokens_typo"] for r in records)
+    return {"token_inflation": (typo - clean) / n if n else float("nan"),
+            "token_ratio": typo / clean if clean else float("nan")}
 
 
 @torch.no_grad()
@@ -68,7 +134,9 @@ def summarise(records: list[dict]) -> dict:
             "mean_kl": statistics.fmean(kls), "median_kl": statistics.median(kls),
             "cosine": statistics.fmean(r["cosine"] for r in records),
             "logprob_drop": statistics.fmean(r["logprob_drop"] for r in records),
-            "token_inflation": sum(r["tokens_typo"] for r in records) / sum(r["tokens_clean"] for r in records)}
+            "distinct_top1_clean": len({r["top1_clean"] for r in records}),
+            "distinct_top1_typo": len({r["top1_typo"] for r in records}),
+            **token_stats(records)}
 
 
 def run_typos(pairs: list[dict], checkpoints: list) -> dict:
@@ -82,20 +150,29 @@ def run_typos(pairs: list[dict], checkpoints: list) -> dict:
                           "by_category": {c: summarise([r for r in records if r["category"] == c])
                                           for c in categories},
                           "pairs": records}
-    return {"models": labels, "categories": categories, "results": results}
+    return {"models": labels, "categories": categories, "suspect_pairs": suspect_pairs(pairs), "results": results}
 
 
 def markdown(res: dict) -> str:
     models = res["models"]
     overall = [[m, f"{o['top1_rate']:.4f}", f"{o['mean_kl']:.4f}", f"{o['median_kl']:.4f}", f"{o['cosine']:.4f}",
-                f"{o['logprob_drop']:.4f}", f"{o['token_inflation']:.3f}"]
+                f"{o['logprob_drop']:.4f}", f"{o['token_inflation']:.3f}", f"{o['token_ratio']:.3f}",
+                f"{o['distinct_top1_clean']} / {o['distinct_top1_typo']}"]
                for m in models for o in [res["results"][m]["overall"]]]
-    cols = ["model", "top-1 preserved", "mean KL", "median KL", "cosine", "log-prob drop", "token inflation"]
+    cols = ["model", "top-1 preserved", "mean KL", "median KL", "cosine", "log-prob drop",
+            "token inflation (mean extra tokens)", "token ratio", "distinct top-1 (clean / typo)"]
     cat_rows = [[c, *[f"{res['results'][m]['by_category'][c]['top1_matches']}/"
                       f"{res['results'][m]['by_category'][c]['pairs']} ({res['results'][m]['by_category'][c]['mean_kl']:.3f})"
                       for m in models]] for c in res["categories"]]
-    return ("# Spelling robustness (typo probe)\n\n" + markdown_table(cols, overall)
+    text = ("# Spelling robustness (typo probe)\n\n" + markdown_table(cols, overall)
             + "\n## Per category: top-1 preserved (mean KL)\n\n" + markdown_table(["category", *models], cat_rows))
+    suspects = res.get("suspect_pairs") or []
+    if suspects:
+        text += (f"\n## Suspect pairs ({len(suspects)}, scored like the others)\n\n"
+                 + markdown_table(["#", "category", "clean", "typo", "why"],
+                                  [[x["index"], x["category"], repr(x["clean"]), repr(x["typo"]), x["reason"]]
+                                   for x in suspects]))
+    return text
 
 
 def plot(res: dict):
@@ -118,8 +195,16 @@ def plot(res: dict):
 def typos_probe(pairs_path, checkpoint_paths, out_dir, device: str = "cpu") -> dict:
     from ..inference import load_checkpoint
     pairs = read_pairs(pairs_path)
+    warn_suspects(suspect_pairs(pairs), pairs_path)
     checkpoints = [load_checkpoint(p, device) for p in checkpoint_paths]
     res = run_typos(pairs, checkpoints)
     res["pairs_file"] = str(pairs_path)
     res["paths"] = {k: str(v) for k, v in write_outputs(out_dir, "typos", res, markdown(res), plot(res)).items()}
     return res
+
+
+def warn_suspects(suspects: list[dict], pairs_path, stream=None) -> None:
+    """One warning line per suspect pair (on stderr): they are scored, but measure no typo."""
+    for x in suspects:
+        print(f"warning: {pairs_path}: pair {x['index']} ({x['category']}) {x['reason']}: clean {x['clean']!r}, "
+              f"typo {x['typo']!r} (scored, but it measures no spelling change)", file=stream or sys.stderr)
