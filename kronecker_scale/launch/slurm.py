@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from ..config import to_yaml
 from ..errors import KScaleError
-from .local import PREEMPTED_EXIT
+from .local import PREEMPTED_EXIT, STOPPED_EXIT
 
 SUBMITIT_TESTED = "1.5."       # _make_sbatch_string and the submission layout are submitit internals
 
@@ -99,6 +99,8 @@ class TrainTask:
             if env.global_rank == 0:
                 requeue(env.job_id)
             sys.exit(code)                             # SystemExit: submitit writes no result, the job goes on
+        if code == STOPPED_EXIT:                       # scancel / a stop signal: saved, not requeued, no traceback
+            sys.exit(code)
         if code:
             raise RuntimeError(f"rank {env.global_rank} exited with status {code}")
         return {"run_dir": str(Path(self.resolved_config).parent), "rank": env.global_rank}
@@ -132,9 +134,11 @@ def make_executor(cfg: DictConfig, folder: Path, job_name: str):
 def resolve(config_path, overrides=()) -> DictConfig:
     """The validated config (under Slurm, load_config sets the world size from the launcher)."""
     from ..config import load_config
+    from ..train.run_dir import check_before_start
     from .local import check_engine
     cfg = load_config(config_path, list(overrides))
     check_engine(cfg)
+    check_before_start(cfg)             # before anything is submitted: a resume the run directory refuses
     return cfg
 
 
@@ -180,7 +184,8 @@ def launch_sweep(config_path, overrides, spec: dict, sweep_dir: str | Path | Non
     from .local import train, write_resolved
     elements = sweep.expand(spec)
     sweep_dir = Path(sweep_dir or Path("runs/sweeps") / spec["name"]).resolve()
-    cfgs, entries = [], []
+    cfgs = []
+    entries: list[dict] = []
     for i, e in enumerate(elements):
         run_dir = sweep_dir / f"{i:02d}-{sweep.slug(e)}"
         extra = sweep.dotlist(e) + [f"run.dir={run_dir}", f"run.name={spec['name']}-{i:02d}"]

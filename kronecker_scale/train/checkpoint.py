@@ -219,7 +219,7 @@ def resumable(root: Path, explicit: Path | None = None) -> tuple[Path | None, li
     explicit path a damaged checkpoint is an error; otherwise (`latest`) the run falls back to the newest
     intact checkpoint and says which it skipped."""
     if explicit is not None:
-        bad = _agree(integrity.problem(explicit) if _rank() == 0 else None)
+        bad = _agree(integrity.problem(explicit))          # collective: every rank hashes its share
         if bad:
             raise KScaleError(f"the checkpoint is damaged: {bad}", where=str(explicit),
                               fix="resume from another checkpoint (checkpoint.resume=PATH or auto)")
@@ -230,7 +230,7 @@ def resumable(root: Path, explicit: Path | None = None) -> tuple[Path | None, li
     older = sorted((p for p in Path(root).glob("step_*") if p.is_dir() and p != latest), key=step_of, reverse=True)
     warnings: list[str] = []
     for candidate in [latest, *older]:
-        bad = _agree(integrity.problem(candidate) if _rank() == 0 else None)
+        bad = _agree(integrity.problem(candidate))         # collective: every rank hashes its share
         if not bad:
             return candidate, warnings
         warnings.append(f"warning: skipping damaged checkpoint {candidate}: {bad}")
