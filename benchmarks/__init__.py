@@ -7,4 +7,5 @@ tools/bench_embedding.py run them. Ratios are taken within one run; absolute fig
                    kernels) against nn.Embedding(131072, d): time and memory kept for backward;
 - tp_embedding.py: the two tensor-parallel layouts of the projection: time and bytes communicated;
 - prepare.py:      tokenization throughput of `kscale prepare-data`.
+- step.py:         the whole training step (megatron engine) by attention backend and precision.
 """

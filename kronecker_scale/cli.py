@@ -312,6 +312,18 @@ def cmd_bench(args) -> int:
         (out / "bench_tp_embedding.json").write_text(json.dumps(rows, indent=2))
         con.print(md)
         return 0
+    if args.what == "step":
+        from kronecker_scale.benchmarks import step
+        command = (f"kscale bench step --grid {args.grid} --backends {' '.join(args.backends)} --precisions "
+                   f"{' '.join(args.precisions)} --recompute {args.recompute} --reps {args.reps}"
+                   + (f" --device {args.device}" if args.device else "")
+                   + (f" --peak-tflops {args.peak_tflops}" if args.peak_tflops else ""))
+        rows = step.run(args.grid, args.backends, args.precisions, args.recompute, steps=args.reps,
+                        device=args.device, peak_tflops=args.peak_tflops)
+        paths = step.write_outputs(rows, Path(args.out), command)
+        con.print(paths["md"].read_text())
+        con.print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
     from kronecker_scale.benchmarks import embedding
     command = (f"kscale bench embedding --grid {args.grid} --providers {' '.join(args.providers)} "
                f"--reps {args.reps}" + (f" --device {args.device}" if args.device else ""))
@@ -427,9 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_params)
 
     s = sub.add_parser("bench", help="benchmarks; `bench embedding`: implementations vs nn.Embedding")
-    s.add_argument("what", choices=["embedding", "tp-embedding", "prepare-data"],
+    s.add_argument("what", choices=["embedding", "tp-embedding", "prepare-data", "step"],
                    help="embedding: implementations vs nn.Embedding; tp-embedding: the two TP layouts; "
-                        "prepare-data: tokenization throughput")
+                        "prepare-data: tokenization throughput; step: the training step by attention backend "
+                        "and precision")
     s.add_argument("inputs", nargs="*", help="prepare-data: text inputs (default: the demo corpus train split)")
     s.add_argument("--tokenizer", default="gpt2", help="prepare-data")
     s.add_argument("--tp", type=int, default=2, help="tp-embedding: processes (gloo on CPU)")
@@ -437,11 +450,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--d-model", type=int, default=1024, help="tp-embedding")
     s.add_argument("--pos-dim", type=int, default=32, help="tp-embedding")
     s.add_argument("--grid", choices=["cpu", "full", "smoke"], default="cpu",
-                   help="cpu: what 2 cores finish in minutes; full: the GPU grid (N 4K-64K, d 768-4096)")
+                   help="cpu: what 2 cores finish in minutes; full: the GPU grid (embedding: N 4K-64K, d 768-4096; "
+                        "step: the 1B model of configs/scale/1b-131k.yaml)")
     s.add_argument("--providers", nargs="+", default=["nn_embedding", "kron_torch", "kron_dense", "kron_triton",
                                                       "kron_triton_det"])
-    s.add_argument("--reps", type=int, default=5)
+    s.add_argument("--reps", type=int, default=5, help="timed repetitions (step: timed steps after one warm-up)")
     s.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--backends", nargs="+", default=["local", "sdpa"], choices=["local", "sdpa", "te"],
+                   help="step: core attention backends")
+    s.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
+                   help="step")
+    s.add_argument("--recompute", default="none", choices=["none", "selective", "full"], help="step")
+    s.add_argument("--peak-tflops", type=float, help="step: the device's dense peak, for MFU (H100/H200 bf16: 989)")
     s.add_argument("--max-dense-mib", type=int, default=4096,
                    help="skip kron_dense where its [N, D] fp32 codec alone would exceed this")
     s.add_argument("--out", default="runs/bench")

@@ -101,7 +101,7 @@ def _check_one_rank_per_gpu() -> None:
     a gloo group first and name the ranks that share one."""
     gloo = torch.distributed.new_group(backend="gloo")
     mine = (socket.gethostname(), str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid))
-    everyone = [None] * torch.distributed.get_world_size()
+    everyone: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, mine, group=gloo)
     seen: dict = {}
     for rank, key in enumerate(everyone):

@@ -1,4 +1,4 @@
-"""The closed form (DESIGN.md §2) against the materialised reference codec, in fp64."""
+"""The closed form (docs/design.md §2) against the materialised reference codec, in fp64."""
 import itertools
 import math
 

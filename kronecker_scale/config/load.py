@@ -108,6 +108,13 @@ def validate(cfg: DictConfig) -> None:
                                                     "backward: leave it unset (null) or true")
     if cfg.run.device not in ("auto", "cuda", "cpu"):
         bad("run.device", cfg.run.device, "use auto, cuda or cpu")
+    if cfg.model.attention_backend == "te":
+        import importlib.util
+        if cfg.run.device == "cpu":
+            bad("model.attention_backend", "te", "Transformer Engine runs on CUDA only: use sdpa or auto on the CPU")
+        if importlib.util.find_spec("transformer_engine") is None:
+            bad("model.attention_backend", "te", "transformer_engine is not installed: install it on the CUDA node, "
+                                                 "or use sdpa (torch's fused attention) or auto")
     if cfg.run.on_nan not in ("stop", "skip"):
         bad("run.on_nan", cfg.run.on_nan, "use stop or skip")
     if cfg.schedule.decay not in ("cosine", "linear", "constant"):

@@ -76,10 +76,22 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (train/metrics.py, docs/export.md): the logging rank sends every metrics.jsonl record
+    and the resolved config; a resumed run continues the same W&B run (its id is in the run state)."""
+    mode: str = "disabled"                  # disabled (wandb not imported) | offline (files, `wandb sync`) | online
+    project: str | None = None              # None = "kronecker-scale"
+    entity: str | None = None               # None = your W&B default entity
+    name: str | None = None                 # None = run.name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LoggingConfig:
     every: int = 1
     tensorboard: bool = True
     peak_tflops: float | None = None        # per device, for MFU; None = not reported
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`kscale convert to-hf|reshard|extract|summary`: thin layers over kronecker_scale.convert (wired into the
+"""`kscale convert to-hf|from-hf|reshard|extract|summary`: thin layers over kronecker_scale.convert (wired into the
 parser by cli.py)."""
 from __future__ import annotations
 
@@ -21,7 +21,20 @@ def cmd_to_hf(args) -> int:
         p = info["parity"]
         print(f"parity on {p['positions']} positions of sample text: max KL(ours || HF) {p['max_kl']:.3e}, "
               f"max |logit diff| {p['max_abs_logit_diff']:.3e}, same greedy continuation: {p['greedy_match']}")
+        t = p["tokenizer"]
+        print(f"tokenizer parity ({t['class']} from {args.out_dir}): same ids on {t['samples']} samples "
+              f"({t['tokens']} tokens): {t['ids_match']}, decode(encode(text)) == text: {t['round_trip']}")
         return 0 if kl_ok(p) else 1
+    return 0
+
+
+def cmd_from_hf(args) -> int:
+    from .from_hf import retrofit
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else None
+    r = retrofit(args.hf_dir, args.out_dir, pos_dim=args.pos_dim, byte_source=args.byte_source, ridge=args.ridge,
+                 data=args.data, tokenizer=args.tokenizer, seq_len=args.seq_len, text=text)
+    print(f"wrote {r['out_dir']} (report: retrofit.json); continue training with: kscale train {r['config']}"
+          + ("" if args.data else " data.train='[{path: DATA}]'") + " schedule.train_steps=N")
     return 0
 
 
@@ -71,6 +84,19 @@ def add_convert_commands(convert) -> None:
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the checkpoint's model runs for the parity check (default cpu, whatever is visible)")
     s.set_defaults(func=cmd_to_hf)
+
+    s = convert.add_parser("from-hf", help="retrofit a transformers GPT-2/Llama checkpoint: Kronecker input layer "
+                                           "fitted by least squares, a run directory that kscale train continues")
+    s.add_argument("hf_dir", help="folder with config.json, the weights and the tokenizer (tokenizer.json)")
+    s.add_argument("out_dir", help="run directory to write (new or empty)")
+    s.add_argument("--pos-dim", type=int, default=32, help="byte positions P (D = 256 P; default 32)")
+    s.add_argument("--byte-source", choices=["exact", "decode"], default="exact", help="token bytes (default exact)")
+    s.add_argument("--ridge", type=float, default=1e-6, help="ridge, relative to the mean diagonal of C^T C")
+    s.add_argument("--data", help="prepared dataset (kscale prepare-data) for data.train of the written config")
+    s.add_argument("--tokenizer", help="tokenizer file or folder (default: the model folder's)")
+    s.add_argument("--seq-len", type=int, help="training sequence length (default: the model's positions)")
+    s.add_argument("--text", help="text file for the held-out loss (default: built-in public-domain prose)")
+    s.set_defaults(func=cmd_from_hf)
 
     s = convert.add_parser("reshard", help="rewrite a checkpoint in another TP/PP(/DP) layout, offline")
     s.add_argument("checkpoint")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -153,22 +152,9 @@ def _llama(ck: LoadedCheckpoint):
 
 
 def _special_ids(ck: LoadedCheckpoint) -> dict:
-    eos = _eos_token(ck)
-    if eos is None:
-        return {"bos_token_id": None, "eos_token_id": None}
-    i = ck.tokenizer.encode(eos)
-    return {"bos_token_id": i[0], "eos_token_id": i[0]} if len(i) == 1 else {"bos_token_id": None,
-                                                                              "eos_token_id": None}
-
-
-def _eos_token(ck: LoadedCheckpoint) -> str | None:
-    for name in ("<|endoftext|>", "<|end_of_text|>", "</s>"):
-        try:
-            if len(ck.tokenizer.encode(name)) == 1:
-                return name
-        except Exception:                     # tokenizers that refuse special text in encode
-            continue
-    return None
+    """bos/eos ids of the model config: the tokenizer's own roles (None where it has none)."""
+    from .hf_tokenizer import special_token_ids
+    return special_token_ids(ck.tokenizer)
 
 
 def hf_model(ck: LoadedCheckpoint):
@@ -189,21 +175,12 @@ def hf_model(ck: LoadedCheckpoint):
     return model.eval()
 
 
-def save_tokenizer(ck: LoadedCheckpoint, out: Path) -> str:
-    """Tokenizer files into `out`. HF tokenizer.json -> a transformers tokenizer (AutoTokenizer loads it);
-    other formats are copied as they are (AutoTokenizer cannot read them). Returns what was done."""
-    src = Path(ck.tokenizer.path)
-    if src.suffix == ".json" and type(ck.tokenizer).__name__ == "HFTokenizer":
-        from transformers import PreTrainedTokenizerFast
-        eos = _eos_token(ck)
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(src), eos_token=eos, bos_token=eos, unk_token=eos)
-        tok.model_max_length = ck.model_cfg.seq_len
-        tok.save_pretrained(str(out))
-        return "transformers tokenizer (tokenizer.json, tokenizer_config.json)"
-    target = out / "kscale_tokenizer" / src.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, target)
-    return f"copied {src.name} into kscale_tokenizer/ (format {type(ck.tokenizer).__name__}: not AutoTokenizer-readable)"
+def save_tokenizer(ck: LoadedCheckpoint, out: Path) -> dict:
+    """The tokenizer as transformers files in `out` (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json), whatever the source format (hf_tokenizer.py); checked against ours on the
+    multilingual samples first. A format that cannot be converted raises KScaleError: nothing is copied."""
+    from .hf_tokenizer import export_tokenizer
+    return export_tokenizer(ck.tokenizer, out, ck.model_cfg.seq_len)
 
 
 def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, check_text: str | None = None,
@@ -217,14 +194,15 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, check_text: str
         raise KScaleError("output folder is not empty", where=str(out), fix="choose a new folder or empty it")
     ck = load_checkpoint(checkpoint, device)
     model = hf_model(ck)
-    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = save_tokenizer(ck, out)       # converted and checked first: a refusal writes nothing
     model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer = save_tokenizer(ck, out)
     info = {"checkpoint": str(ck.path), "step": ck.step, "tokens": ck.tokens,
             "architecture": type(model).__name__, "model_type": model.config.model_type,
             "input_layer": ck.model_cfg.input_layer, "head": ck.model_cfg.head, "vocab_size": ck.vocab_size,
             "padded_rows_dropped": int(ck.model.vocab_size - ck.vocab_size),
-            "tokenizer": tokenizer}
+            "tokenizer": f"{tokenizer['description']} ({', '.join(tokenizer['files'])}; AutoTokenizer-readable, "
+                         f"same ids as ours on {tokenizer['self_check']['samples']} multilingual samples)",
+            "tokenizer_export": tokenizer}
     if ck.byte_table is not None:
         info.update(pos_dim=ck.byte_table.pos_dim, byte_table_fingerprint=ck.byte_table.fingerprint)
     if check_text is not None:
@@ -240,7 +218,11 @@ def load_hf(out_dir: str | Path):
 
 @torch.no_grad()
 def parity(ck: LoadedCheckpoint, out_dir: str | Path, text: str, greedy_tokens: int = 20) -> dict:
-    """KL(ours || exported) per position on `text` (the model's context length) and greedy continuations."""
+    """KL(ours || exported) per position on `text` (the model's context length), greedy continuations, and
+    the exported tokenizer (stock AutoTokenizer) against ours: ids on the multilingual samples and on `text`,
+    decode(encode(text)) == text."""
+    from .hf_tokenizer import PARITY_SAMPLES, tokenizer_parity
+    tokenizer = tokenizer_parity(ck.tokenizer, out_dir, [*PARITY_SAMPLES, text])
     hf = load_hf(out_dir)
     ids = ck.tokenizer.encode(text)[: ck.model_cfg.seq_len]
     if len(ids) < 2:
@@ -254,11 +236,19 @@ def parity(ck: LoadedCheckpoint, out_dir: str | Path, text: str, greedy_tokens: 
     hf_greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=greedy_tokens, do_sample=False,
                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                             pad_token_id=hf.config.eos_token_id or 0)[0, len(prompt):].tolist()
+    # transformers stops at an end-of-text id; ours does not: compare up to and including the first one
+    eos = hf.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    stop = next((i + 1 for i, t in enumerate(ours_greedy) if t in eos), len(ours_greedy))
     return {"positions": len(ids), "max_kl": float(kl.max()), "mean_kl": float(kl.mean()),
             "max_abs_logit_diff": float((ours - theirs).abs().max()),
-            "greedy_ours": ours_greedy, "greedy_hf": hf_greedy, "greedy_match": ours_greedy == hf_greedy,
-            "top1_match": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())}
+            "greedy_ours": ours_greedy, "greedy_hf": hf_greedy, "greedy_match": ours_greedy[:stop] == hf_greedy,
+            "top1_match": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
+            "tokenizer": tokenizer}
 
 
 def kl_ok(report: dict, limit: float = 1e-6) -> bool:
-    return report["max_kl"] <= limit and report["greedy_match"] and math.isfinite(report["max_kl"])
+    """The parity report passes: KL within `limit`, the same greedy continuation, and (when the report has
+    it) the exported tokenizer giving our ids."""
+    return (report["max_kl"] <= limit and report["greedy_match"] and math.isfinite(report["max_kl"])
+            and report.get("tokenizer", {}).get("ok", True))

@@ -8,6 +8,8 @@ from ..errors import KScaleError
 INPUT_LAYERS = ("kronecker", "bpe")
 HEADS = ("untied", "tied", "kronecker_tied")
 KRONECKER_TP = ("shard_d", "replicated")
+ATTENTION_BACKENDS = ("auto", "local", "sdpa", "te")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass
@@ -35,6 +37,13 @@ class GPTConfig:
     attention_dropout: float = 0.0
     init_std: float = 0.02
     vocab_divisible_by: int = 128
+    # core attention: local (megatron's unfused reference, memory ~ s^2) | sdpa (torch's
+    # scaled_dot_product_attention: flash / memory-efficient kernels on GPU) | te (Transformer Engine's
+    # layer spec) | auto (te when importable, else sdpa)
+    attention_backend: str = "auto"
+    # activation recompute (megatron's recompute_granularity): none | selective (core attention) | full
+    # (every transformer layer's input is kept, the layer is recomputed in backward)
+    recompute: str = "none"
 
     def validate(self) -> "GPTConfig":
         def bad(key, value, fix):
@@ -55,6 +64,10 @@ class GPTConfig:
             bad("norm", self.norm, "use layernorm or rmsnorm")
         if self.activation not in ("gelu", "swiglu"):
             bad("activation", self.activation, "use gelu or swiglu")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            bad("attention_backend", self.attention_backend, f"use one of {ATTENTION_BACKENDS}")
+        if self.recompute not in RECOMPUTE:
+            bad("recompute", self.recompute, f"use one of {RECOMPUTE}")
         if self.d_model % self.n_heads:
             bad("n_heads", self.n_heads, f"d_model={self.d_model} must be divisible by n_heads")
         return self

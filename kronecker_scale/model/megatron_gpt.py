@@ -2,7 +2,7 @@
 layer (Kronecker or BPE) and head (untied, tied, Kronecker-tied).
 
 Everything else (transformer layers, TP/SP/PP, schedules, DDP, distributed optimizer, checkpoint
-format) is megatron-core's, used as it is. The integration points (research/anchors.md §11):
+format) is megatron-core's, used as it is. The integration points:
 
 - `LanguageModelEmbedding` is hard-coded in GPTModel.__init__: while the model is built it is
   swapped for `KroneckerLanguageModelEmbedding` (same constructor, same [s(/TP), b, h] output), so
@@ -11,12 +11,18 @@ format) is megatron-core's, used as it is. The integration points (research/anch
   megatron ties first and last pipeline stages: the last stage holds a copy of the projection, zeroed
   and all-reduced from the first stage, and `finalize_model_grads` all-reduces its gradient, exactly
   as for a tied BPE table.
-- Tensor parallelism of the projection (DESIGN.md §5): `shard_d` keeps W[:, d/TP] per rank (kernel on
+- Tensor parallelism of the projection (docs/design.md §5): `shard_d` keeps W[:, d/TP] per rank (kernel on
   the column slice, then all-gather, or all-to-all to [s/TP, b, d] under SP); `replicated` keeps all
   of W on every rank and, under SP, embeds only the local sequence slice (W.sequence_parallel = True,
   so megatron sums its gradient over TP).
 - megatron's local spec refuses sequence parallelism with torch norms; `SequenceParallelNorm`
   supplies torch LayerNorm/RMSNorm whose parameters carry `sequence_parallel`, as TE's norms do.
+- Core attention (`model.attention_backend`): megatron's unfused `DotProductAttention` (`local`, the
+  reference), `SDPAttention` (torch's scaled_dot_product_attention in the same slot: flash /
+  memory-efficient kernels on GPU), or Transformer Engine's layer spec (`te`). Activation recompute
+  (`model.recompute`) is megatron's (recompute_granularity / method / num_layers).
+- Mixed precision: megatron's Float16Module (and DeepSpeed) cast the model with .bfloat16()/.half();
+  the codec's alpha/beta tables stay fp64 (KroneckerEmbedding._apply, KroneckerTiedHead._apply).
 """
 from __future__ import annotations
 
@@ -28,15 +34,17 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.models.gpt import gpt_model as _gpt_model_module
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.layers import (_initialize_affine_weight_cpu, _initialize_affine_weight_gpu,
                                                   set_tensor_model_parallel_attributes)
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import is_layer_window_attention, make_sharded_tensors_for_checkpoint
 from megatron.core.utils import (get_tensor_model_parallel_group_if_none, make_sharded_tensor_for_checkpoint,
                                  make_tp_sharded_tensor_for_checkpoint)
 from torch import nn
@@ -48,9 +56,41 @@ from .config import GPTConfig, padded_vocab_size
 # megatron logs "GPTModel IS DEPRECATED" on every build; HybridModel has no GPT-2-style layout we need
 logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(lambda r: "DEPRECATED" not in r.getMessage())
 
+def transformer_engine_problem() -> str | None:
+    """Why Transformer Engine's layer spec cannot be used here (None when it can)."""
+    if not HAVE_TE:
+        return "transformer_engine is not importable"
+    if not torch.cuda.is_available():
+        return "Transformer Engine needs a CUDA device"
+    return None
+
+
+def resolve_attention_backend(name: str) -> str:
+    """model.attention_backend -> local | sdpa | te. `auto` is te when Transformer Engine is usable, else
+    sdpa; `te` asked for and unusable is an error (never a silent fallback)."""
+    if name == "auto":
+        return "te" if transformer_engine_problem() is None else "sdpa"
+    if name == "te" and (problem := transformer_engine_problem()):
+        raise KScaleError(f"model.attention_backend=te cannot run: {problem}", where="model.attention_backend",
+                          fix="install Transformer Engine on a CUDA node (megatron's TE extension must import), "
+                              "or use attention_backend=sdpa (torch's fused attention) or auto")
+    return name
+
+
+def recompute_settings(recompute: str) -> dict:
+    """model.recompute as megatron TransformerConfig keys: selective = the core attention of every layer
+    (recompute_modules' default, core_attn); full = every transformer layer, one layer per checkpoint."""
+    if recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {}
+
+
 def transformer_config(cfg: GPTConfig, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                        sequence_parallel: bool = False, params_dtype=torch.float32, **overrides) -> TransformerConfig:
     cfg.validate()
+    backend = resolve_attention_backend(cfg.attention_backend)
     if cfg.n_heads % tensor_parallel:
         raise KScaleError(f"model.n_heads={cfg.n_heads} is not divisible by tensor parallel size {tensor_parallel}",
                           where="model.n_heads / parallel.tensor", fix="choose TP dividing the number of heads")
@@ -69,7 +109,8 @@ def transformer_config(cfg: GPTConfig, *, tensor_parallel: int = 1, pipeline_par
         sequence_parallel=sequence_parallel and tensor_parallel > 1, params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(), batch_p2p_comm=False,
-        pipeline_dtype=params_dtype,
+        pipeline_dtype=params_dtype, transformer_impl="transformer_engine" if backend == "te" else "local",
+        **recompute_settings(cfg.recompute),
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
@@ -92,12 +133,84 @@ class SequenceParallelNorm:
         return norm
 
 
-def layer_spec(config: TransformerConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """megatron's local GPT layer spec with sequence-parallel-capable norms, for this PP stage."""
-    spec = get_gpt_layer_local_spec(normalization=config.normalization)
-    spec = replace(spec, submodules=replace(spec.submodules, input_layernorm=SequenceParallelNorm,
-                                            pre_mlp_layernorm=SequenceParallelNorm))
+# ------------------------------------------------------------------------------------------
+# core attention: torch's scaled_dot_product_attention in megatron's slot
+# ------------------------------------------------------------------------------------------
+class SDPAttention(MegatronModule):
+    """megatron's core attention (DotProductAttention's constructor and forward) computed by
+    `F.scaled_dot_product_attention`: flash / memory-efficient kernels on GPU (no [b, h, s, s] scores kept),
+    torch's fused CPU kernel on the CPU. query [sq, b, h/TP, dh], key/value [sk, b, g/TP, dh] (g < h: grouped-query
+    attention) -> context [sq, b, h/TP * dh]. Attention dropout draws from megatron's CUDA RNG tracker,
+    as DotProductAttention does."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise KScaleError("attention_backend=sdpa does not support context parallelism",
+                              fix="use attention_backend=te")
+        if config.softmax_type != "vanilla" or is_layer_window_attention(config.window_size,
+                                                                         config.window_attn_skip_freq, layer_number):
+            raise KScaleError("attention_backend=sdpa supports vanilla softmax over the full causal window only",
+                              fix="use attention_backend=local or te")
+        if pg_collection is None:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        tp = self.tp_group.size()
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.heads = config.num_attention_heads // tp
+        self.groups = config.num_query_groups // tp
+        head_dim = config.kv_channels
+        # apply_query_key_layer_scaling divides and multiplies by the same coefficient in megatron: no-op here
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                attn_mask_type: AttnMaskType | None = None, attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise KScaleError("attention_backend=sdpa has no packed sequences or attention bias",
+                              fix="use attention_backend=te")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        sq, b = query.shape[0], query.shape[1]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))       # [b, heads, s, dh]
+        # as megatron's softmax: a given mask wins; else causal (nothing to mask for a single query)
+        mask = None if attention_mask is None else ~attention_mask   # megatron: True = masked; torch: True = keep
+        causal = mask is None and mask_type == AttnMaskType.causal and sq > 1
+        dropout = self.dropout_p if self.training else 0.0
+        kwargs = {"enable_gqa": True} if self.heads != self.groups else {}
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if not self.config.sequence_parallel \
+            else contextlib.nullcontext()
+        with rng:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                                 scale=self.softmax_scale, **kwargs)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)                     # [sq, b, heads * dh]
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        return {}                                       # no parameters (as DotProductAttention with vanilla softmax)
+
+
+def layer_spec(config: TransformerConfig, vp_stage: int | None = None,
+               attention_backend: str = "local") -> TransformerBlockSubmodules:
+    """The GPT layer spec for this PP stage. local / sdpa: megatron's local spec with
+    sequence-parallel-capable norms (sdpa: SDPAttention as core attention); te: Transformer Engine's spec
+    (fused norm + linear, TE's fused attention, TE norms)."""
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    if attention_backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+        return TransformerBlockSubmodules(layer_specs=[get_gpt_layer_with_transformer_engine_spec()] * n,
+                                          layer_norm=TENorm)
+    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    attention = spec.submodules.self_attention
+    if attention_backend == "sdpa":
+        attention = replace(attention, submodules=replace(attention.submodules, core_attention=SDPAttention))
+    spec = replace(spec, submodules=replace(spec.submodules, input_layernorm=SequenceParallelNorm,
+                                            pre_mlp_layernorm=SequenceParallelNorm, self_attention=attention))
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=SequenceParallelNorm)
 
 
@@ -189,7 +302,7 @@ class KroneckerLanguageModelEmbedding(MegatronModule):
             else:                                             # -> [s, b, d]; backward keeps own columns
                 emb = tensor_parallel.gather_from_tensor_model_parallel_region(local, group=self.tp_group)
         if self.add_position_embedding:
-            pos = position_ids.t()
+            pos = position_ids.t()  # type: ignore[union-attr]  # megatron passes them to position embeddings
             emb = emb + self.position_embeddings(self._local_slice(pos) if sp else pos)
         if self.config.use_mup and self.config.mup_embedding_mult != 1.0:
             emb = emb * self.config.mup_embedding_mult
@@ -234,6 +347,7 @@ class KroneckerTiedHead(MegatronModule):
         self.tp_size, self.tp_rank = self.tp_group.size(), self.tp_group.rank()
         self.mode = model_cfg.kronecker_tp
         self.parallel_output = parallel_output
+        self.embedding_impl, self.deterministic = model_cfg.embedding_impl, model_cfg.deterministic_embedding
         self.logit_scale = 1.0 / math.sqrt(config.hidden_size)
         V = byte_table.vocab_size
         shard = V // self.tp_size
@@ -256,6 +370,17 @@ class KroneckerTiedHead(MegatronModule):
         else:
             self.weight = None
 
+    def _apply(self, fn, recurse=True):
+        """Casts of the module (Float16Module's .bfloat16(), DeepSpeed's .half()) leave alpha/beta in fp64:
+        they are cast where used (docs/design.md §2); in bf16 they would be ~0.2 % off per length."""
+        tables = {name: getattr(self, name) for name in ("alpha", "beta")}
+        super()._apply(fn, recurse)
+        for name, fp64 in tables.items():
+            now = getattr(self, name)
+            if now.dtype != torch.float64:
+                setattr(self, name, fp64.to(now.device))
+        return self
+
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output=None):
         W = weight if weight is not None else self.weight
         sp = self.config.sequence_parallel
@@ -265,7 +390,13 @@ class KroneckerTiedHead(MegatronModule):
         elif self.tp_size > 1 and not sp:
             # replicated W without SP: each rank's head gradient is partial (its vocab shard): all-reduce it
             W = tensor_parallel.copy_to_tensor_model_parallel_region(W, group=self.tp_group)
-        table = kronecker_embed_torch(self.token_bytes, self.token_lengths, W, self.alpha, self.beta)  # [V/TP, d]
+        if W.is_cuda and self.embedding_impl in ("auto", "triton"):    # the fused kernels, as the input layer
+            from kronecker_scale.kernels import kronecker_embedding_triton
+            local_ids = torch.arange(self.token_lengths.numel(), device=W.device)   # this shard's rows of the table
+            table = kronecker_embedding_triton(local_ids, self.token_bytes, self.token_lengths, W, self.alpha,
+                                               self.beta, deterministic=self.deterministic)   # [V/TP, d]
+        else:
+            table = kronecker_embed_torch(self.token_bytes, self.token_lengths, W, self.alpha, self.beta)  # [V/TP, d]
         if sp:
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, group=self.tp_group)
         elif self.tp_size > 1:
@@ -306,10 +437,11 @@ class KroneckerGPTModel(GPTModel):
         model_cfg.validate()
         object.__setattr__(self, "_kscale", (model_cfg, byte_table))   # read by setup_embeddings_and_output_layer
         share = model_cfg.head in ("tied", "kronecker_tied")
-        ctx = _kronecker_input_layer(byte_table, model_cfg) if model_cfg.input_layer == "kronecker" \
-            else contextlib.nullcontext()
+        ctx = (_kronecker_input_layer(byte_table, model_cfg)  # type: ignore[arg-type]  # build_model checks it is set
+               if model_cfg.input_layer == "kronecker" else contextlib.nullcontext())
+        spec = layer_spec(config, vp_stage, resolve_attention_backend(model_cfg.attention_backend))
         with ctx:
-            super().__init__(config, layer_spec(config, vp_stage), vocab_size, model_cfg.seq_len,
+            super().__init__(config, spec, vocab_size, model_cfg.seq_len,
                              pre_process=pre_process, post_process=post_process, parallel_output=parallel_output,
                              share_embeddings_and_output_weights=share, position_embedding_type=model_cfg.position,
                              vp_stage=vp_stage)
@@ -334,7 +466,7 @@ class KroneckerGPTModel(GPTModel):
             emb.weight[local >= real_vocab_size] = 0
 
     def tie_embeddings_and_output_weights_state_dict(self, sharded_state_dict, output_layer_weight_key,
-                                                     first_stage_word_emb_key, metadata={}):
+                                                     first_stage_word_emb_key, metadata={}):  # noqa: B006 (megatron's signature)
         model_cfg, _ = self._kscale
         if model_cfg.head != "kronecker_tied" or not self.post_process or self.pre_process:
             return super().tie_embeddings_and_output_weights_state_dict(

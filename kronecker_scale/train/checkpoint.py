@@ -97,11 +97,12 @@ def save(root: Path, step: int, write_engine_state, trainer_state: dict, config_
         write_engine_state(tmp)
         write_run_state(tmp, trainer_state, config_yaml, byte_table)
         integrity.write_manifest(tmp)
-    except Exception as e:
+    except BaseException as e:           # torch's checkpoint writer raises CheckpointException(BaseException)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if _out_of_space(e, root):
-            raise KScaleError(f"disk full while writing the checkpoint of step {step} ({type(e).__name__}: {e})",
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)) and _out_of_space(e, root):
+            raise KScaleError(f"disk full while writing the checkpoint of step {step} ({type(e).__name__}; "
+                              f"{shutil.disk_usage(root).free / 2**20:,.1f} MiB free)",
                               where=str(root), fix="free space, then resume: the previous checkpoint is intact "
                                                    "and the partial one was removed") from None
         raise
@@ -247,9 +248,9 @@ def load(path: Path, read_engine_state) -> dict:
     try:
         read_engine_state(path)
         return read_run_state(path)
-    except KScaleError:
+    except (KScaleError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as e:          # megatron, DeepSpeed and torch.load raise many types: name the checkpoint
+    except BaseException as e:      # megatron, DeepSpeed, torch.load (CheckpointException): name the checkpoint
         raise KScaleError(f"could not read the checkpoint ({type(e).__name__}: {str(e)[:500]})", where=str(path),
                           fix="resume from an older checkpoint: checkpoint.resume=PATH") from None
 

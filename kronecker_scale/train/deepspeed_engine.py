@@ -17,7 +17,7 @@ from ..distributed import device
 from ..errors import KScaleError
 from .inputs import ModelInputs
 from .megatron_engine import DTYPES
-from .records import norm_record, weight_sums
+from .records import model_flops_per_token, norm_record, weight_sums
 
 
 def param_groups(model: torch.nn.Module, cfg: DictConfig, model_cfg) -> list[dict]:
@@ -28,7 +28,8 @@ def param_groups(model: torch.nn.Module, cfg: DictConfig, model_cfg) -> list[dic
         exempt.add("embedding.word_embeddings.weight")
         if model_cfg.head == "kronecker_tied":
             exempt.add("output_layer.weight")
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -66,6 +67,7 @@ class DeepSpeedEngine:
         tcfg = transformer_config(self.model_cfg, params_dtype=dtype, deterministic_mode=cfg.run.deterministic)
         model = build_model(self.model_cfg, tcfg, byte_table=inputs.byte_table, vocab_size=inputs.vocab_size)
         self.n_params = sum(x.numel() for x in model.parameters())
+        self.flops_per_token = model_flops_per_token(self.model_cfg, inputs.vocab_size, 1)["total"]
         if torch.cuda.is_available():
             model.cuda()
         o = cfg.optim
@@ -138,7 +140,13 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(self.engine, folder)
 
     def read_checkpoint(self, folder: Path, load_optimizer: bool = True) -> None:
+        """The model and optimizer; the current config's optimizer settings (betas, eps, weight decay)
+        stay in force, so they may change on resume (the learning rate is set every step)."""
+        groups = self.engine.optimizer.param_groups
+        current = [{k: g[k] for k in ("betas", "eps", "weight_decay") if k in g} for g in groups]
         self.ds.load_checkpoint(self.engine, folder, load_optimizer=load_optimizer)
+        for group, settings in zip(self.engine.optimizer.param_groups, current):
+            group.update(settings)
 
     def run_state(self) -> dict:
         return {"engine": "deepspeed", "zero_stage": int(self.cfg.deepspeed.zero_stage)}

@@ -16,7 +16,8 @@ from .inputs import ModelInputs
 
 
 class Engine(Protocol):
-    n_params: int        # parameters of this rank's model (MFU)
+    n_params: int        # parameters of this rank's model
+    flops_per_token: int  # training FLOPs per token of the whole model (records.model_flops_per_token: MFU)
     dp_rank: int         # data-parallel rank and size: which samples this rank reads
     dp_size: int
     is_logger: bool      # the rank that sees the global loss and writes metrics

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, preemption
+from . import checkpoint, preemption, run_dir
 from .engine import Engine, build_engine
 from .hooks import TrainHooks
 from .inputs import ModelInputs, build_loaders, check_train_data, endless, fixed_batches, model_inputs
@@ -34,14 +34,6 @@ def set_determinism(cfg: DictConfig) -> str:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")     # what cuBLAS needs to be deterministic
     torch.use_deterministic_algorithms(True)
     return "deterministic: on (torch.use_deterministic_algorithms(True), deterministic embedding backward)"
-
-
-def resume_path(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
-    if cfg.checkpoint.resume == "none":
-        return None
-    if cfg.checkpoint.resume == "auto":
-        return checkpoint.latest_checkpoint(ckpt_dir)
-    return Path(cfg.checkpoint.resume)
 
 
 class TrainingRun:
@@ -63,12 +55,15 @@ class TrainingRun:
         self.val_batches: list | None = None
         self.tokens_per_step = cfg.data.global_batch_size * seq_len
         self.step = self.tokens = self.skipped = 0
+        self.lineage, self.resumed_from = "", ""
+        self.wandb_run_id: str | None = None     # kept in the run state: a resumed run continues its W&B run
 
     def run(self) -> dict:
         cfg, engine = self.cfg, self.engine
         self._resume()
-        self.metrics = MetricsWriter(Path(cfg.run.dir), engine.is_logger, cfg.logging.tensorboard, self.console,
-                                     resume_step=self.step)
+        self.metrics = MetricsWriter.for_run(cfg, engine.is_logger, self.console, resume_step=self.step,
+                                             wandb_run_id=self.wandb_run_id)
+        self.wandb_run_id = self.metrics.wandb_run_id
         batches = endless(self.train_loader)
         while self.step < cfg.schedule.train_steps:
             t0 = time.perf_counter()
@@ -83,20 +78,28 @@ class TrainingRun:
             self.tokens += self.tokens_per_step
             record = step_record(cfg, step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens,
                                  tokens_per_step=self.tokens_per_step, step_time=time.perf_counter() - t0,
-                                 skipped=self.skipped, n_params=engine.n_params)
+                                 skipped=self.skipped, n_params=engine.n_params,
+                                 flops_per_token=getattr(engine, "flops_per_token", None))
             self._finish_step(record)
         self.metrics.close()
         return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped}
 
     def _resume(self) -> None:
-        path = resume_path(self.cfg, self.ckpt_dir)
+        path = run_dir.prepare(self.cfg, self.ckpt_dir, self.console)
         if path is None:
+            self.lineage = run_dir.new_lineage()
             return
         state = checkpoint.load(path, self.engine.read_checkpoint)
         self.step, self.tokens, self.skipped = state["step"], state["tokens"], state["skipped_steps"]
+        self.lineage = state.get("lineage") or run_dir.new_lineage()
+        self.wandb_run_id = state.get("wandb_run_id")
+        self.resumed_from = path.name
         self.train_loader.load_state_dict(state["train_loader"])
         self.console(f"resumed from {path} at step {self.step}" + ("" if state.get("rng_restored") else
                                                                    " (new world size: RNG states re-seeded)"))
+        saved_cfg = OmegaConf.load(path / "config.yaml")
+        for change in run_dir.resume_changes(saved_cfg, self.cfg):
+            self.console(f"changed on resume, applies from step {self.step + 1}: {change}")
 
     def _finish_step(self, record: dict) -> None:
         """In order: log (with the norm statistics, a collective, only when logged), evaluate, checkpoint,
@@ -135,17 +138,19 @@ class TrainingRun:
         """Collective: the checkpoint of the current step."""
         state = {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped,
                  "train_loader": self.train_loader.state_dict(), "world_size": torch.distributed.get_world_size(),
-                 **self.engine.run_state()}
+                 "lineage": self.lineage, **self.engine.run_state()}
+        state["wandb_run_id"] = self.wandb_run_id
         return save_checkpoint(self.engine, self.cfg, self.inputs, self.ckpt_dir, state,
-                               keep_last=self.cfg.checkpoint.keep_last, before_commit=self.hooks.before_commit)
+                               keep_last=self.cfg.checkpoint.keep_last, before_commit=self.hooks.before_commit,
+                               protect=(self.resumed_from,))
 
 
 def save_checkpoint(engine: Engine, cfg: DictConfig, inputs: ModelInputs, root: Path, state: dict, *,
-                    keep_last: int, before_commit=None) -> Path:
+                    keep_last: int, before_commit=None, protect: tuple[str, ...] = ()) -> Path:
     """Collective: the engine's model and optimizer plus the run state (`state`, the config, the byte
     table) as root/step_XXXXXXXX; used by the loop and the offline converters."""
     return checkpoint.save(root, state["step"], engine.write_checkpoint, state, OmegaConf.to_yaml(cfg),
-                           inputs.byte_table, keep_last=keep_last, before_commit=before_commit)
+                           inputs.byte_table, keep_last=keep_last, before_commit=before_commit, protect=protect)
 
 
 def _silent(*args, **kwargs) -> None:

@@ -12,9 +12,35 @@ from omegaconf import DictConfig
 
 from . import checkpoint
 from .inputs import ModelInputs
-from .records import norm_record
+from .records import model_flops_per_token, norm_record
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# optimizer settings a resumed run takes from its config rather than from the checkpoint
+HYPERPARAMETERS = ("max_lr", "min_lr", "start_wd", "end_wd", "weight_decay", "betas", "eps")
+# what tells megatron's parameter groups apart besides those settings
+GROUP_STRUCTURE = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr", "default_config")
+
+
+def _match_param_groups(state: dict, current: list[tuple[tuple, dict]]) -> None:
+    """megatron pairs saved and current parameter groups by a key that includes max_lr / min_lr, so a
+    resume with another learning rate fails ("Could not find parameter group"). Give each saved group the
+    current settings of the one current group with the same structure (wd_mult, lr_mult, ...), in place."""
+    for groups in _param_group_lists(state):
+        for saved in groups:
+            matches = [settings for structure, settings in current
+                       if structure == tuple(saved.get(k) for k in GROUP_STRUCTURE)]
+            if len(matches) == 1:
+                saved.update(matches[0])
+
+
+def _param_group_lists(obj):
+    """Every `param_groups` list in a (nested) optimizer state dict."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "param_groups" and isinstance(v, list):
+                yield v
+            else:
+                yield from _param_group_lists(v)
 
 
 class MegatronEngine:
@@ -54,10 +80,13 @@ class MegatronEngine:
                                        deterministic_mode=cfg.run.deterministic)
         model = build_model(self.model_cfg, self.tcfg, byte_table=self.byte_table, vocab_size=vocab_size)
         self.n_params = sum(x.numel() for x in model.parameters())
+        self.flops_per_token = model_flops_per_token(self.model_cfg, vocab_size, p.tensor)["total"]
         self.core_model = model
         if torch.cuda.is_available():
             model.cuda()
         if dtype != torch.float32:
+            # megatron's mixed precision: bf16/fp16 model, fp32 main params and grads in the optimizer; the
+            # codec's scale tables stay fp64 through the cast (KroneckerEmbedding._apply)
             model = Float16Module(self.tcfg, model)
         self.model = DistributedDataParallel(self.tcfg, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=p.distributed_optimizer), model)
@@ -65,7 +94,10 @@ class MegatronEngine:
         opt_cfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                                   adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
                                   bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
-                                  use_distributed_optimizer=p.distributed_optimizer)
+                                  use_distributed_optimizer=p.distributed_optimizer,
+                                  # fp16: dynamic loss scaling from 2^16 (DeepSpeed's start; megatron's 2^32
+                                  # skips the first ~17 updates on overflow)
+                                  **({"initial_loss_scale": 2.0 ** 16} if dtype == torch.float16 else {}))
         overrides = get_standard_config_overrides(opt_cfg)
         if not o.decay_projection and self.model_cfg.input_layer == "kronecker":
             overrides[ParamKey(name=("*embedding.word_embeddings.weight", "*output_layer.weight")
@@ -174,10 +206,50 @@ class MegatronEngine:
         checkpoint.dist_save(self.core_model, self.optimizer, folder)
 
     def read_checkpoint(self, folder: Path, load_optimizer: bool = True) -> None:
-        checkpoint.dist_load(self.core_model, self.optimizer if load_optimizer else None, folder)
+        """The model and optimizer; the optimizer settings of the current config (learning rate, min LR,
+        weight decay, betas, eps) stay in force, so they may change on resume."""
+        current = [(tuple(g.get(k) for k in GROUP_STRUCTURE), {k: g[k] for k in HYPERPARAMETERS if k in g})
+                   for g in self.optimizer.param_groups]
+        if load_optimizer:
+            self._materialize_distributed_optimizer_state()
+        checkpoint.dist_load(self.core_model, self.optimizer if load_optimizer else None, folder,
+                             adapt_optimizer_state=lambda sd: _match_param_groups(sd, current))
+        for group, (_, settings) in zip(self.optimizer.param_groups, current):
+            group.update(settings)
+        if load_optimizer:
+            self._unshare_adam_steps()
 
     def run_state(self) -> dict:
         return {}
+
+    def _unshare_adam_steps(self) -> None:
+        """megatron 0.19's distributed optimizer restores torch Adam's step as one tensor shared by every
+        parameter's state, which Adam then increments once per parameter and step (wrong bias correction,
+        ranks disagree): give each state its own copy."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", None)
+            for st in getattr(inner, "state", {}).values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].clone()
+
+    def _materialize_distributed_optimizer_state(self) -> None:
+        """megatron's distributed optimizer reads the Adam step from its (torch) optimizer's state before it
+        loads a checkpoint, which is empty before the first step (an AssertionError without Apex/TE): give it
+        placeholder states first (megatron's own zero-gradient step; the load overwrites them)."""
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if not isinstance(opt, DistributedOptimizer):
+                continue
+            if not opt.optimizer.state:
+                opt._init_optimizer_states_with_dummy_values()
+            if not hasattr(opt, "_kscale_step_patch"):
+                # torch's Adam keeps "step" as a tensor in each parameter's state; a fully_reshardable
+                # checkpoint restores it from the param groups instead, and megatron 0.19 then looks for it
+                # among the parameter's tensors (KeyError 'step'): mark it as not given
+                set_states = opt._set_main_param_and_optimizer_states
+                opt._set_main_param_and_optimizer_states = \
+                    lambda model_param, tensors, _set=set_states: _set(model_param, {"step": None, **tensors})
+                opt._kscale_step_patch = True
 
     # --- whole tensors by name (the engine converter) --------------------------------------------------
     def _adam_slots(self) -> list[tuple]:
