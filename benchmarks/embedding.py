@@ -17,6 +17,7 @@ GB/s (those bytes / time) and their fraction of the device's peak memory bandwid
 `python -m kronecker_scale.benchmarks.embedding` prints the model's table at the goal shape
 (docs/benchmarks.md, "Bytes model").
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,8 +39,7 @@ PROVIDERS = ("nn_embedding", "kron_torch", "kron_dense", "kron_triton", "kron_tr
 MODES = ("forward", "backward", "full")
 GRIDS: dict[str, dict[str, tuple]] = {
     # the issue's grid, for a GPU
-    "full": dict(tokens=(4096, 16384, 65536), d_model=(768, 2048, 4096), pos_dim=(16, 32),
-                 dtype=("bf16", "fp32")),
+    "full": dict(tokens=(4096, 16384, 65536), d_model=(768, 2048, 4096), pos_dim=(16, 32), dtype=("bf16", "fp32")),
     # what 2 CPU cores get through in a few minutes
     "cpu": dict(tokens=(4096, 16384), d_model=(768, 2048), pos_dim=(16, 32), dtype=("fp32", "bf16")),
     "smoke": dict(tokens=(512,), d_model=(64,), pos_dim=(16,), dtype=("fp32",)),
@@ -60,26 +60,33 @@ class Result:
     peak_bytes: int
     device: str
     ratio_vs_nn_embedding: float = float("nan")
-    bytes_per_token: float = float("nan")        # read + written per token in this mode (bytes model)
-    gbps: float = float("nan")                   # bytes_per_token * tokens / time (GPU only)
-    frac_peak: float = float("nan")              # gbps / the device's peak bandwidth (GPU only)
-
+    bytes_per_token: float = float("nan")  # read + written per token in this mode (bytes model)
+    gbps: float = float("nan")  # bytes_per_token * tokens / time (GPU only)
+    frac_peak: float = float("nan")  # gbps / the device's peak bandwidth (GPU only)
 
 
 # ------------------------------------------------------------------------------------------
 # bytes model (docs/benchmarks.md, "Bytes model")
 # ------------------------------------------------------------------------------------------
-GOAL = dict(N=16_384, d=4_096, P=32, V=VOCAB, elem=2)        # docs/design.md §6's shape, bf16
+GOAL = dict(N=16_384, d=4_096, P=32, V=VOCAB, elem=2)  # docs/design.md §6's shape, bf16
 BANDWIDTHS = {"H100 SXM (3.35 TB/s)": 3.35e12, "H200 (4.8 TB/s)": 4.8e12}
 # peak memory bandwidth by device name (bytes/s), first match wins; else clock x bus width
-PEAK_BY_NAME = (("GH200", 4.0e12), ("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
-                ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12))
+PEAK_BY_NAME = (
+    ("GH200", 4.0e12),
+    ("H200", 4.8e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100 80GB PCIe", 1.935e12),
+    ("A100", 1.555e12),
+)
 
 
 @dataclass(frozen=True)
 class IdStats:
     """What the ids contribute to the traffic: mean bytes per token L (<= P), distinct ids U, distinct
     code rows touched R (<= D = 256 P). None in `traffic` means the bound (see there)."""
+
     mean_len: float
     distinct_ids: int
     touched_rows: int
@@ -93,8 +100,16 @@ class IdStats:
         return cls(float(L.double().mean()) if len(L) else 0.0, int(ids.unique().numel()), int(rows.unique().numel()))
 
 
-def traffic(provider: str, N: int, d: int, P: int, V: int = VOCAB, elem: int = 2, stats: IdStats | None = None,
-            main_grad: bool = False) -> dict[str, list[tuple[str, float]]]:
+def traffic(
+    provider: str,
+    N: int,
+    d: int,
+    P: int,
+    V: int = VOCAB,
+    elem: int = 2,
+    stats: IdStats | None = None,
+    main_grad: bool = False,
+) -> dict[str, list[tuple[str, float]]]:
     """Bytes read + written by one forward and one backward: {"forward": [(term, bytes)], "backward": [...],
     "per_step": [...]} (per_step: colsum(W), once per optimizer step, not in forward/backward).
 
@@ -111,74 +126,116 @@ def traffic(provider: str, N: int, d: int, P: int, V: int = VOCAB, elem: int = 2
         L, U, R = float(P), 0, min(D, N * P)
     else:
         L, U, R = stats.mean_len, stats.distinct_ids, stats.touched_rows
-    tok = N * (i + 2)                                     # int64 ids, int16 lengths through the id
+    tok = N * (i + 2)  # int64 ids, int16 lengths through the id
     half = e != f
     fwd: list[tuple[str, float]] = []
     bwd: list[tuple[str, float]] = []
     step: list[tuple[str, float]] = []
     if provider == "nn_embedding":
         fwd += [("ids", N * i), ("gather distinct rows U*d", U * d * e), ("write out N*d", N * d * e)]
-        bwd += [("ids", N * i), ("read g N*d", N * d * e), ("write the dense gradient V*d", V * d * e),
-                ("fp32 partial sums of U rows, written and read", 2 * U * d * f), ("write U rows", U * d * e)]
+        bwd += [
+            ("ids", N * i),
+            ("read g N*d", N * d * e),
+            ("write the dense gradient V*d", V * d * e),
+            ("fp32 partial sums of U rows, written and read", 2 * U * d * f),
+            ("write U rows", U * d * e),
+        ]
     elif provider in ("kron_triton", "kron_triton_det"):
-        fwd += [("ids, lengths", tok), ("bytes (<= P per token)", N * L), ("W once (L2-resident column slice)", D * d * e),
-                ("cached colsum", d * f), ("write out N*d", N * d * e)]
+        fwd += [
+            ("ids, lengths", tok),
+            ("bytes (<= P per token)", N * L),
+            ("W once (L2-resident column slice)", D * d * e),
+            ("cached colsum", d * f),
+            ("write out N*d", N * d * e),
+        ]
         step += [("colsum(W): read W, write S", D * d * e + d * f)]
         if provider == "kron_triton":
             bwd += [("ids, lengths, bytes", tok + N * L), ("read g N*d", N * d * e), ("b: d-vector atomics", 2 * d * f)]
             if main_grad:
-                bwd += [("scatter: read + write touched main_grad rows R*d fp32", 2 * R * d * f),
-                        ("broadcast b: read + write main_grad D*d fp32", 2 * D * d * f)]
+                bwd += [
+                    ("scatter: read + write touched main_grad rows R*d fp32", 2 * R * d * f),
+                    ("broadcast b: read + write main_grad D*d fp32", 2 * D * d * f),
+                ]
             else:
-                bwd += [("zero the fp32 accumulator D*d", D * d * f),
-                        ("scatter: read + write touched rows R*d fp32", 2 * R * d * f),
-                        ("finalize: read accumulator D*d fp32", D * d * f), ("finalize: write dW D*d", D * d * e)]
+                bwd += [
+                    ("zero the fp32 accumulator D*d", D * d * f),
+                    ("scatter: read + write touched rows R*d fp32", 2 * R * d * f),
+                    ("finalize: read accumulator D*d fp32", D * d * f),
+                    ("finalize: write dW D*d", D * d * e),
+                ]
         else:
             pairs = N * P
-            bwd += [("pair keys: ids, lengths, bytes; write int32 keys N*P, alpha N", tok + N * P + pairs * 4 + N * f),
-                    ("stable sort of N*P int32 keys with int64 order (4 radix passes)", pairs * (4 + 12) + 4 * 2 * pairs * 12),
-                    ("searchsorted: row starts", (D + 1) * i),
-                    ("b: read g N*d (fixed chunks)", N * d * e),
-                    ("rows: read order of N*L pairs", N * L * i),
-                    ("rows: read g N*d (L2-resident column slice)", N * d * e),
-                    ("rows: write dW D*d" if not main_grad else "rows: read + write main_grad D*d fp32",
-                     D * d * e if not main_grad else 2 * D * d * f)]
+            bwd += [
+                ("pair keys: ids, lengths, bytes; write int32 keys N*P, alpha N", tok + N * P + pairs * 4 + N * f),
+                (
+                    "stable sort of N*P int32 keys with int64 order (4 radix passes)",
+                    pairs * (4 + 12) + 4 * 2 * pairs * 12,
+                ),
+                ("searchsorted: row starts", (D + 1) * i),
+                ("b: read g N*d (fixed chunks)", N * d * e),
+                ("rows: read order of N*L pairs", N * L * i),
+                ("rows: read g N*d (L2-resident column slice)", N * d * e),
+                (
+                    "rows: write dW D*d" if not main_grad else "rows: read + write main_grad D*d fp32",
+                    D * d * e if not main_grad else 2 * D * d * f,
+                ),
+            ]
     elif provider == "kron_torch":
-        c = f                                              # the closed form computes in fp32 for half types
-        ids_rows = 2 * N * P + 28 * N                      # byte rows and lengths of the ids, lengths to int64
-        fwd += [("byte rows and lengths of the ids", ids_rows),
-                ("index bookkeeping: mask, codec index, masked select, offsets, per-sample weights",
-                 51 * N * P + 12 * N * L + 76 * N),
-                ("W.to(fp32)", D * d * (e + c) if half else 0),
-                ("embedding_bag: gather N*L rows of fp32 W", N * L * d * c),
-                ("embedding_bag: indices, weights, offset2bag; write out N*d fp32", N * L * 20 + 3 * N * i + N * d * c),
-                ("colsum(W) in fp32", D * d * c + d * c), ("beta*S: write N*d", N * d * c),
-                ("add: read 2 N*d, write N*d", 3 * N * d * c), ("cast out to the weight dtype", N * d * (c + e) if half else 0)]
-        bwd += [("cast g to fp32", N * d * (e + c) if half else 0),
-                ("grad of S: g*beta written, read and summed", 3 * N * d * c),
-                ("embedding_bag backward: zero D*d fp32", D * d * c),
-                ("embedding_bag backward: sort N*L indices (8 radix passes)", N * L * 8 * 2 * 2 * i),
-                ("embedding_bag backward: gather g for N*L pairs", N * L * d * c),
-                ("embedding_bag backward: partial sums, write R rows", 3 * R * d * c),
-                ("sum the two gradients of W: read 2 D*d, write D*d", 3 * D * d * c),
-                ("cast dW to the weight dtype", D * d * (c + e) if half else 0)]
+        c = f  # the closed form computes in fp32 for half types
+        ids_rows = 2 * N * P + 28 * N  # byte rows and lengths of the ids, lengths to int64
+        fwd += [
+            ("byte rows and lengths of the ids", ids_rows),
+            (
+                "index bookkeeping: mask, codec index, masked select, offsets, per-sample weights",
+                51 * N * P + 12 * N * L + 76 * N,
+            ),
+            ("W.to(fp32)", D * d * (e + c) if half else 0),
+            ("embedding_bag: gather N*L rows of fp32 W", N * L * d * c),
+            ("embedding_bag: indices, weights, offset2bag; write out N*d fp32", N * L * 20 + 3 * N * i + N * d * c),
+            ("colsum(W) in fp32", D * d * c + d * c),
+            ("beta*S: write N*d", N * d * c),
+            ("add: read 2 N*d, write N*d", 3 * N * d * c),
+            ("cast out to the weight dtype", N * d * (c + e) if half else 0),
+        ]
+        bwd += [
+            ("cast g to fp32", N * d * (e + c) if half else 0),
+            ("grad of S: g*beta written, read and summed", 3 * N * d * c),
+            ("embedding_bag backward: zero D*d fp32", D * d * c),
+            ("embedding_bag backward: sort N*L indices (8 radix passes)", N * L * 8 * 2 * 2 * i),
+            ("embedding_bag backward: gather g for N*L pairs", N * L * d * c),
+            ("embedding_bag backward: partial sums, write R rows", 3 * R * d * c),
+            ("sum the two gradients of W: read 2 D*d, write D*d", 3 * D * d * c),
+            ("cast dW to the weight dtype", D * d * (c + e) if half else 0),
+        ]
     elif provider == "kron_dense":
         c = f
-        x = N * D * c                                      # the [N, D] code, fp32
-        fwd += [("byte rows and lengths of the ids", 2 * N * P + 28 * N),
-                ("codec index and cell values", 51 * N * P), ("zero the [N, D] code", x),
-                ("scatter_add the cells", 20 * N * P),
-                ("z-normalise: mean (1 pass), x - mean and std (3), x - mean (2), divide (2)", 8 * x),
-                ("code to the weight dtype", N * D * (c + e) if half else 0),
-                ("matmul: read the code and W, write out N*d", N * D * e + D * d * e + N * d * e)]
+        x = N * D * c  # the [N, D] code, fp32
+        fwd += [
+            ("byte rows and lengths of the ids", 2 * N * P + 28 * N),
+            ("codec index and cell values", 51 * N * P),
+            ("zero the [N, D] code", x),
+            ("scatter_add the cells", 20 * N * P),
+            ("z-normalise: mean (1 pass), x - mean and std (3), x - mean (2), divide (2)", 8 * x),
+            ("code to the weight dtype", N * D * (c + e) if half else 0),
+            ("matmul: read the code and W, write out N*d", N * D * e + D * d * e + N * d * e),
+        ]
         bwd += [("dW = code^T g: read the code and g, write dW", N * D * e + N * d * e + D * d * e)]
     else:
         raise ValueError(f"no bytes model for provider {provider!r}")
     return {"forward": fwd, "backward": bwd, "per_step": step}
 
 
-def bytes_per_token(provider: str, mode: str, N: int, d: int, P: int, V: int = VOCAB, elem: int = 2,
-                    stats: IdStats | None = None, main_grad: bool = False) -> float:
+def bytes_per_token(
+    provider: str,
+    mode: str,
+    N: int,
+    d: int,
+    P: int,
+    V: int = VOCAB,
+    elem: int = 2,
+    stats: IdStats | None = None,
+    main_grad: bool = False,
+) -> float:
     """forward / backward / full (both) bytes per token; colsum(W) excluded (once per optimizer step)."""
     t = traffic(provider, N, d, P, V, elem, stats, main_grad)
     parts = {"forward": ["forward"], "backward": ["backward"], "full": ["forward", "backward"]}[mode]
@@ -206,26 +263,42 @@ def goal_table(stats: IdStats | None = None, shape: dict = GOAL) -> str:
     optimizer step) of every provider at `shape`, and the GPU time each bandwidth in BANDWIDTHS predicts
     for forward + backward + colsum."""
     N = shape["N"]
-    head = ["provider", "fwd B/token", "bwd B/token", "fwd+bwd B/token", "+ colsum, 1 micro-batch/step",
-            "bytes per micro-batch"] + [f"predicted ms at {k}" for k in BANDWIDTHS] + ["vs nn_embedding"]
+    head = (
+        [
+            "provider",
+            "fwd B/token",
+            "bwd B/token",
+            "fwd+bwd B/token",
+            "+ colsum, 1 micro-batch/step",
+            "bytes per micro-batch",
+        ]
+        + [f"predicted ms at {k}" for k in BANDWIDTHS]
+        + ["vs nn_embedding"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = [(p, False) for p in ("nn_embedding", "kron_triton")] + [("kron_triton", True)] + \
-        [(p, False) for p in ("kron_triton_det", "kron_torch", "kron_dense")]
+    rows = (
+        [(p, False) for p in ("nn_embedding", "kron_triton")]
+        + [("kron_triton", True)]
+        + [(p, False) for p in ("kron_triton_det", "kron_torch", "kron_dense")]
+    )
     base = bytes_per_token("nn_embedding", "full", stats=stats, **shape)
     for prov, mg in rows:
         f, b = (bytes_per_token(prov, m, stats=stats, main_grad=mg, **shape) for m in ("forward", "backward"))
         step = sum(x for _, x in traffic(prov, stats=stats, main_grad=mg, **shape)["per_step"]) / N
         total = (f + b + step) * N
         name = prov + (" (into fp32 main_grad)" if mg else "")
-        lines.append(f"| {name} | {f:,.0f} | {b:,.0f} | {f + b:,.0f} | {f + b + step:,.0f} | {total / 1e9:.3f} GB | " +
-                     " | ".join(f"{total / bw * 1e3:.3f}" for bw in BANDWIDTHS.values()) +
-                     f" | {(f + b + step) / base:.2f}x |")
+        lines.append(
+            f"| {name} | {f:,.0f} | {b:,.0f} | {f + b:,.0f} | {f + b + step:,.0f} | {total / 1e9:.3f} GB | "
+            + " | ".join(f"{total / bw * 1e3:.3f}" for bw in BANDWIDTHS.values())
+            + f" | {(f + b + step) / base:.2f}x |"
+        )
     return "\n".join(lines)
 
 
 def goal_stats() -> IdStats:
     """The ids' statistics the benchmark's real ids have at the goal shape (Tekken, English, N = 16,384, P = 32)."""
     from kronecker_scale.tokenizer.assets import tokenizer_path
+
     tok = tokenizer_path("tekken")
     return IdStats.of(ByteTable.from_tokenizer(tok, pos_dim=GOAL["P"]), real_ids(tok, GOAL["N"], torch.device("cpu")))
 
@@ -233,8 +306,10 @@ def goal_stats() -> IdStats:
 def real_ids(tokenizer_path: Path, n: int, device) -> torch.Tensor:
     """n ids of real English text (CPython's LICENSE, tiled) under a 131K-vocabulary tokenizer."""
     from kronecker_scale.tokenizer import load_tokenizer
-    text = (Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
-            / "LICENSE.txt").read_text(encoding="utf-8")
+
+    text = (
+        Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "LICENSE.txt"
+    ).read_text(encoding="utf-8")
     ids = torch.tensor(load_tokenizer(tokenizer_path).encode(text))
     return ids.repeat(-(-n // len(ids)))[:n].to(device)
 
@@ -242,6 +317,7 @@ def real_ids(tokenizer_path: Path, n: int, device) -> torch.Tensor:
 def _time_ms(fn, device, reps: int) -> float:
     if device.type == "cuda":
         from triton.testing import do_bench
+
         return float(do_bench(fn, warmup=10, rep=max(50, reps * 10)))
     fn()  # warm-up
     times = []
@@ -272,8 +348,9 @@ def build(provider: str, table: ByteTable, d: int, dtype, device) -> nn.Module:
     if provider == "nn_embedding":
         return nn.Embedding(table.vocab_size, d, device=device, dtype=dtype)
     impl = {"kron_torch": "torch", "kron_dense": "dense"}.get(provider, "triton")
-    return KroneckerEmbedding(table, d, impl=impl, deterministic=provider == "kron_triton_det",
-                              device=device, dtype=dtype)
+    return KroneckerEmbedding(
+        table, d, impl=impl, deterministic=provider == "kron_triton_det", device=device, dtype=dtype
+    )
 
 
 def available(provider: str, device) -> bool:
@@ -318,15 +395,31 @@ def bench_one(provider, table, ids, d, dtype_name, device, reps, stats: IdStats 
         bpt = bytes_per_token(provider, mode, ids.numel(), d, table.pos_dim, table.vocab_size, dtype.itemsize, stats)
         gbps = bpt * ids.numel() / (ms * 1e-3) / 1e9 if device.type == "cuda" else float("nan")
         frac = gbps * 1e9 / peak_bw if peak_bw else float("nan")
-        rows.append(Result(provider, mode, ids.numel(), d, table.pos_dim, dtype_name, ms, saved, peak,
-                           torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                           bytes_per_token=bpt, gbps=gbps, frac_peak=frac))
+        rows.append(
+            Result(
+                provider,
+                mode,
+                ids.numel(),
+                d,
+                table.pos_dim,
+                dtype_name,
+                ms,
+                saved,
+                peak,
+                torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                bytes_per_token=bpt,
+                gbps=gbps,
+                frac_peak=frac,
+            )
+        )
     return rows
 
 
-def run(grid: str = "cpu", providers=PROVIDERS, reps: int = 5, device=None, progress=print,
-        max_dense_bytes: int = 4 << 30) -> list[Result]:
+def run(
+    grid: str = "cpu", providers=PROVIDERS, reps: int = 5, device=None, progress=print, max_dense_bytes: int = 4 << 30
+) -> list[Result]:
     from kronecker_scale.tokenizer.assets import tokenizer_path
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     g = GRIDS[grid]
     tok = tokenizer_path("tekken")
@@ -342,22 +435,31 @@ def run(grid: str = "cpu", providers=PROVIDERS, reps: int = 5, device=None, prog
                         if not available(prov, device):
                             continue
                         if prov == "kron_dense" and device.type == "cpu" and dt == "bf16":
-                            progress(f"  skip kron_dense {dt} on cpu: bf16 matmul has no fast CPU path here "
-                                     f"(~100x slower than fp32), which would measure the CPU, not the method")
+                            progress(
+                                f"  skip kron_dense {dt} on cpu: bf16 matmul has no fast CPU path here "
+                                f"(~100x slower than fp32), which would measure the CPU, not the method"
+                            )
                             continue
                         if prov == "kron_dense" and N * 256 * P * 4 > max_dense_bytes:
-                            progress(f"  skip kron_dense N={N} P={P}: the [N, D] codec alone is "
-                                     f"{N * 256 * P * 4 / 2**30:.1f} GiB")
+                            progress(
+                                f"  skip kron_dense N={N} P={P}: the [N, D] codec alone is "
+                                f"{N * 256 * P * 4 / 2**30:.1f} GiB"
+                            )
                             continue
                         rows = bench_one(prov, table, ids, d, dt, device, reps, stats)
                         results += rows
                         full = rows[-1]
-                        progress(f"  N={N:6d} d={d:5d} P={P} {dt:4s} {prov:16s} " +
-                                 " ".join(f"{r.mode}={r.ms:8.2f}ms" for r in rows) +
-                                 f"  saved={rows[0].saved_bytes / 2**10:10.1f}KiB  fwd+bwd "
-                                 f"{full.bytes_per_token:,.0f} B/token" +
-                                 (f" {full.gbps:,.0f} GB/s ({full.frac_peak:.0%} of peak)"
-                                  if math.isfinite(full.gbps) else ""))
+                        progress(
+                            f"  N={N:6d} d={d:5d} P={P} {dt:4s} {prov:16s} "
+                            + " ".join(f"{r.mode}={r.ms:8.2f}ms" for r in rows)
+                            + f"  saved={rows[0].saved_bytes / 2**10:10.1f}KiB  fwd+bwd "
+                            f"{full.bytes_per_token:,.0f} B/token"
+                            + (
+                                f" {full.gbps:,.0f} GB/s ({full.frac_peak:.0%} of peak)"
+                                if math.isfinite(full.gbps)
+                                else ""
+                            )
+                        )
     base = {(r.mode, r.tokens, r.d_model, r.pos_dim, r.dtype): r.ms for r in results if r.provider == "nn_embedding"}
     for r in results:
         b = base.get((r.mode, r.tokens, r.d_model, r.pos_dim, r.dtype))
@@ -368,29 +470,37 @@ def run(grid: str = "cpu", providers=PROVIDERS, reps: int = 5, device=None, prog
 
 def write_outputs(results: list[Result], out_dir: Path, command: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out_dir / "bench_embedding.csv", "md": out_dir / "bench_embedding.md",
-             "png": out_dir / "bench_embedding.png"}
+    paths = {
+        "csv": out_dir / "bench_embedding.csv",
+        "md": out_dir / "bench_embedding.md",
+        "png": out_dir / "bench_embedding.png",
+    }
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
         w.writeheader()
         for r in results:
             w.writerow(asdict(r))
     dev = results[0].device
-    lines = [f"# Embedding benchmark ({dev})\n", f"`{command}`  \ntorch {torch.__version__}; V = {VOCAB:,} "
-             f"(Mistral Tekken ids on real English text); time = median ms; ratio = time / nn.Embedding's; "
-             f"saved = bytes kept for backward beyond parameters and buffers; B/token = bytes read + written per "
-             f"token by forward + backward (bytes model, docs/benchmarks.md); GB/s and % of peak on a GPU only.\n",
-             "| N | d | P | dtype | provider | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd ratio | saved KiB "
-             "| fwd+bwd B/token | GB/s | % of peak |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Embedding benchmark ({dev})\n",
+        f"`{command}`  \ntorch {torch.__version__}; V = {VOCAB:,} "
+        f"(Mistral Tekken ids on real English text); time = median ms; ratio = time / nn.Embedding's; "
+        f"saved = bytes kept for backward beyond parameters and buffers; B/token = bytes read + written per "
+        f"token by forward + backward (bytes model, docs/benchmarks.md); GB/s and % of peak on a GPU only.\n",
+        "| N | d | P | dtype | provider | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd ratio | saved KiB "
+        "| fwd+bwd B/token | GB/s | % of peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     by_key: dict = {}
     for r in results:
         by_key.setdefault((r.tokens, r.d_model, r.pos_dim, r.dtype, r.provider), {})[r.mode] = r
     for (N, d, P, dt, prov), m in by_key.items():
-        lines.append(f"| {N} | {d} | {P} | {dt} | {prov} | {m['forward'].ms:.3f} | {m['backward'].ms:.3f} | "
-                     f"{m['full'].ms:.3f} | {m['full'].ratio_vs_nn_embedding:.2f}x | "
-                     f"{m['full'].saved_bytes / 2**10:.1f} | {m['full'].bytes_per_token:,.0f} | "
-                     f"{_num(m['full'].gbps, '{:,.0f}')} | {_num(m['full'].frac_peak * 100, '{:.0f}%')} |")
+        lines.append(
+            f"| {N} | {d} | {P} | {dt} | {prov} | {m['forward'].ms:.3f} | {m['backward'].ms:.3f} | "
+            f"{m['full'].ms:.3f} | {m['full'].ratio_vs_nn_embedding:.2f}x | "
+            f"{m['full'].saved_bytes / 2**10:.1f} | {m['full'].bytes_per_token:,.0f} | "
+            f"{_num(m['full'].gbps, '{:,.0f}')} | {_num(m['full'].frac_peak * 100, '{:.0f}%')} |"
+        )
     paths["md"].write_text("\n".join(lines) + "\n")
     _plot(by_key, paths["png"], dev)
     return paths
@@ -402,8 +512,10 @@ def _num(x: float, fmt: str) -> str:
 
 def _plot(by_key, out: Path, device: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     configs = sorted({k[:4] for k in by_key})
     providers = [p for p in PROVIDERS if any(k[4] == p for k in by_key)]
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(configs)), 4.5))
@@ -425,11 +537,13 @@ def _plot(by_key, out: Path, device: str) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":          # python -m kronecker_scale.benchmarks.embedding: the goal-shape table
+if __name__ == "__main__":  # python -m kronecker_scale.benchmarks.embedding: the goal-shape table
     print(f"Bytes model at N = {GOAL['N']:,}, d = {GOAL['d']:,}, P = {GOAL['P']}, V = {GOAL['V']:,}, bf16\n")
     print("Bound (Kronecker: L = P, every row touched; nn.Embedding: no distinct-row terms):\n")
     print(goal_table())
     st = goal_stats()
-    print(f"\nThe benchmark's ids (Tekken, English): L = {st.mean_len:.2f}, U = {st.distinct_ids:,}, "
-          f"R = {st.touched_rows:,}:\n")
+    print(
+        f"\nThe benchmark's ids (Tekken, English): L = {st.mean_len:.2f}, U = {st.distinct_ids:,}, "
+        f"R = {st.touched_rows:,}:\n"
+    )
     print(goal_table(st))

@@ -11,6 +11,7 @@ run only in Triton's interpreter (TRITON_INTERPRET=1 set before this package is 
 (A top-level import named `kernels` would shadow the package of that name that transformers probes
 for, hence the install-time name.)
 """
+
 from .kronecker_embedding import (
     KroneckerEmbeddingFunction,
     cached_colsum,

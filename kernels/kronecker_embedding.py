@@ -28,6 +28,7 @@ Offsets are int64 wherever N*d or D*d can pass 2^31. Both kernels take any strid
 column slice of `weight` (the tensor-parallel shard) and on a slice of the ids (the sequence-parallel
 part) without copies. Accumulation is fp32. Nothing is saved for backward but the ids and the tables.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,11 +80,10 @@ def cached_colsum(weight: torch.Tensor) -> torch.Tensor:
     """colsum(W) in fp32 ([d]), computed once per optimizer step for a given weight tensor (see above)."""
     try:
         version = weight._version
-    except RuntimeError:                       # inference tensors have no version counter: no caching
+    except RuntimeError:  # inference tensors have no version counter: no caching
         colsum_stats["computed"] += 1
         return weight.detach().sum(0, dtype=torch.float32)
-    key = (_generation, version, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype,
-           weight.device)
+    key = (_generation, version, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device)
     entry = _colsum_cache.get(id(weight))
     if entry is not None and entry[0]() is weight and entry[1] == key:
         colsum_stats["reused"] += 1
@@ -92,7 +92,7 @@ def cached_colsum(weight: torch.Tensor) -> torch.Tensor:
     S = weight.detach().sum(0, dtype=torch.float32)
     ident = id(weight)
 
-    def forget(ref, ident=ident):              # the weight was freed: drop its entry (if still ours)
+    def forget(ref, ident=ident):  # the weight was freed: drop its entry (if still ours)
         current = _colsum_cache.get(ident)
         if current is not None and current[0] is ref:
             del _colsum_cache[ident]
@@ -104,7 +104,7 @@ def cached_colsum(weight: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------
 # autotuning: a few configurations per (d, P, dtypes), pruned by d
 # ------------------------------------------------------------------------------------------
-FORWARD_CONFIGS = [(32, 64, 4), (32, 128, 4), (64, 128, 4), (32, 256, 8), (64, 256, 8)]   # BLOCK_N, BLOCK_D, warps
+FORWARD_CONFIGS = [(32, 64, 4), (32, 128, 4), (64, 128, 4), (32, 256, 8), (64, 256, 8)]  # BLOCK_N, BLOCK_D, warps
 SCATTER_CONFIGS = [(32, 64, 4), (32, 128, 4), (64, 128, 8), (16, 256, 4)]
 
 
@@ -140,30 +140,54 @@ def _token_block(ids_ptr, lengths_ptr, alpha_ptr, N, d, BLOCK_N: tl.constexpr, B
 # ------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(FORWARD_CONFIGS), key=["d", "P"],
-                 prune_configs_by={"early_config_prune": prune_configs})
+@triton.autotune(
+    configs=_configs(FORWARD_CONFIGS), key=["d", "P"], prune_configs_by={"early_config_prune": prune_configs}
+)
 @triton.jit
-def _forward_kernel(ids_ptr, bytes_ptr, lengths_ptr, alpha_ptr, beta_ptr, w_ptr, colsum_ptr, out_ptr,
-                    N, d, stride_wr, stride_wc, stride_on, stride_oc,
-                    P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _forward_kernel(
+    ids_ptr,
+    bytes_ptr,
+    lengths_ptr,
+    alpha_ptr,
+    beta_ptr,
+    w_ptr,
+    colsum_ptr,
+    out_ptr,
+    N,
+    d,
+    stride_wr,
+    stride_wc,
+    stride_on,
+    stride_oc,
+    P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # grid axis 0 (token blocks) varies fastest: the programs in flight share one column block, so the
     # D x BLOCK_D slice of W they gather from stays in L2 and W is read from memory about once
-    offs_n, offs_d, n_mask, d_mask, ids, L, alpha = _token_block(ids_ptr, lengths_ptr, alpha_ptr, N, d,
-                                                                 BLOCK_N, BLOCK_D)
+    offs_n, offs_d, n_mask, d_mask, ids, L, alpha = _token_block(
+        ids_ptr, lengths_ptr, alpha_ptr, N, d, BLOCK_N, BLOCK_D
+    )
     beta = tl.load(beta_ptr + L, mask=n_mask, other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    max_len = tl.max(L, axis=0)                 # most tokens are short: stop at the block's longest
+    max_len = tl.max(L, axis=0)  # most tokens are short: stop at the block's longest
     for p in range(0, max_len):
         byte = tl.load(bytes_ptr + ids * P + p, mask=n_mask, other=0).to(tl.int64)
         valid = n_mask & (p < L)
         row = byte * P + p
-        w = tl.load(w_ptr + row[:, None] * stride_wr + offs_d[None, :] * stride_wc,
-                    mask=valid[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + row[:, None] * stride_wr + offs_d[None, :] * stride_wc,
+            mask=valid[:, None] & d_mask[None, :],
+            other=0.0,
+        )
         acc += w.to(tl.float32)
     colsum = tl.load(colsum_ptr + offs_d, mask=d_mask, other=0.0)
     out = acc * alpha[:, None] + beta[:, None] * colsum[None, :]
-    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_d[None, :] * stride_oc,
-             out.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+    tl.store(
+        out_ptr + offs_n[:, None] * stride_on + offs_d[None, :] * stride_oc,
+        out.to(out_ptr.dtype.element_ty),
+        mask=n_mask[:, None] & d_mask[None, :],
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -171,17 +195,41 @@ def _forward_kernel(ids_ptr, bytes_ptr, lengths_ptr, alpha_ptr, beta_ptr, w_ptr,
 # ------------------------------------------------------------------------------------------
 # restore_value: tuning runs the kernel once per config; the destination (a zeroed scratch or a
 # main_grad that already holds gradients) and b are put back after each trial
-@triton.autotune(configs=_configs(SCATTER_CONFIGS), key=["d", "P"],
-                 prune_configs_by={"early_config_prune": prune_configs}, restore_value=["dst_ptr", "bvec_ptr"])
+@triton.autotune(
+    configs=_configs(SCATTER_CONFIGS),
+    key=["d", "P"],
+    prune_configs_by={"early_config_prune": prune_configs},
+    restore_value=["dst_ptr", "bvec_ptr"],
+)
 @triton.jit
-def _scatter_kernel(ids_ptr, bytes_ptr, lengths_ptr, alpha_ptr, beta_ptr, g_ptr, dst_ptr, bvec_ptr,
-                    N, d, stride_gn, stride_gc, stride_dr, stride_dc,
-                    P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_n, offs_d, n_mask, d_mask, ids, L, alpha = _token_block(ids_ptr, lengths_ptr, alpha_ptr, N, d,
-                                                                 BLOCK_N, BLOCK_D)
+def _scatter_kernel(
+    ids_ptr,
+    bytes_ptr,
+    lengths_ptr,
+    alpha_ptr,
+    beta_ptr,
+    g_ptr,
+    dst_ptr,
+    bvec_ptr,
+    N,
+    d,
+    stride_gn,
+    stride_gc,
+    stride_dr,
+    stride_dc,
+    P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    offs_n, offs_d, n_mask, d_mask, ids, L, alpha = _token_block(
+        ids_ptr, lengths_ptr, alpha_ptr, N, d, BLOCK_N, BLOCK_D
+    )
     beta = tl.load(beta_ptr + L, mask=n_mask, other=0.0)
-    g = tl.load(g_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gc,
-                mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    g = tl.load(
+        g_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gc,
+        mask=n_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    ).to(tl.float32)
     # b += sum over this block's tokens of beta(L_t) g_t: BLOCK_D atomics per program, not an [N, d] temporary
     tl.atomic_add(bvec_ptr + offs_d, tl.sum(g * beta[:, None], axis=0), mask=d_mask, sem="relaxed")
     scaled = g * alpha[:, None]
@@ -191,14 +239,30 @@ def _scatter_kernel(ids_ptr, bytes_ptr, lengths_ptr, alpha_ptr, beta_ptr, g_ptr,
         valid = n_mask & (p < L)
         row = byte * P + p
         # relaxed: nothing reads dst before the kernel ends (stream order), so no ordering is needed
-        tl.atomic_add(dst_ptr + row[:, None] * stride_dr + offs_d[None, :] * stride_dc, scaled,
-                      mask=valid[:, None] & d_mask[None, :], sem="relaxed")
+        tl.atomic_add(
+            dst_ptr + row[:, None] * stride_dr + offs_d[None, :] * stride_dc,
+            scaled,
+            mask=valid[:, None] & d_mask[None, :],
+            sem="relaxed",
+        )
 
 
 @triton.jit
-def _finalize_kernel(acc_ptr, bvec_ptr, dst_ptr, D, d, stride_ar, stride_ac, stride_dr, stride_dc,
-                     HAS_ACC: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+def _finalize_kernel(
+    acc_ptr,
+    bvec_ptr,
+    dst_ptr,
+    D,
+    d,
+    stride_ar,
+    stride_ac,
+    stride_dr,
+    stride_dc,
+    HAS_ACC: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """dst = [dst +] [acc +] b, row by row, in dst's dtype: the broadcast and the cast in one pass."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
@@ -222,8 +286,21 @@ def _finalize(acc, bvec, dst, accumulate: bool) -> None:
     has_acc = acc is not None
     a = acc if has_acc else dst
     grid = (triton.cdiv(D, FIN_BLOCK_R), triton.cdiv(d, FIN_BLOCK_D))
-    _finalize_kernel[grid](a, bvec, dst, D, d, a.stride(0), a.stride(1), dst.stride(0), dst.stride(1),
-                           HAS_ACC=has_acc, ACCUMULATE=accumulate, BLOCK_R=FIN_BLOCK_R, BLOCK_D=FIN_BLOCK_D)
+    _finalize_kernel[grid](
+        a,
+        bvec,
+        dst,
+        D,
+        d,
+        a.stride(0),
+        a.stride(1),
+        dst.stride(0),
+        dst.stride(1),
+        HAS_ACC=has_acc,
+        ACCUMULATE=accumulate,
+        BLOCK_R=FIN_BLOCK_R,
+        BLOCK_D=FIN_BLOCK_D,
+    )
 
 
 def _fast_dw(ids, token_bytes, token_lengths, alpha32, beta32, g, dst, accumulate: bool):
@@ -239,10 +316,25 @@ def _fast_dw(ids, token_bytes, token_lengths, alpha32, beta32, g, dst, accumulat
         target = torch.zeros(D, d, dtype=torch.float32, device=g.device)
     if N:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-        _scatter_kernel[grid](ids, token_bytes, token_lengths, alpha32, beta32, g, target, bvec,
-                              N, d, g.stride(0), g.stride(1), target.stride(0), target.stride(1), P=P)
+        _scatter_kernel[grid](
+            ids,
+            token_bytes,
+            token_lengths,
+            alpha32,
+            beta32,
+            g,
+            target,
+            bvec,
+            N,
+            d,
+            g.stride(0),
+            g.stride(1),
+            target.stride(0),
+            target.stride(1),
+            P=P,
+        )
     if direct:
-        _finalize(None, bvec, dst, accumulate=True)       # dst already holds [old +] scattered part
+        _finalize(None, bvec, dst, accumulate=True)  # dst already holds [old +] scattered part
     else:
         _finalize(target, bvec, dst, accumulate=accumulate)
 
@@ -252,16 +344,27 @@ def _fast_dw(ids, token_bytes, token_lengths, alpha32, beta32, g, dst, accumulat
 # ------------------------------------------------------------------------------------------
 # Every constant here fixes a summation order: never autotune these kernels.
 DET_BLOCK_D = 128
-DET_PAIRS = 32                                   # pairs of one row summed per step (tl.sum over a tile)
-DET_VECTOR_ROWS = INTERPRET                      # the interpreter's order (see _row_sum_kernel)
-DET_ROWS = 64 if INTERPRET else 4                # rows per program (a divisor of 256, so of D = 256 P)
-DET_TOKENS = 64 if INTERPRET else 1024           # tokens per partial of b
+DET_PAIRS = 32  # pairs of one row summed per step (tl.sum over a tile)
+DET_VECTOR_ROWS = INTERPRET  # the interpreter's order (see _row_sum_kernel)
+DET_ROWS = 64 if INTERPRET else 4  # rows per program (a divisor of 256, so of D = 256 P)
+DET_TOKENS = 64 if INTERPRET else 1024  # tokens per partial of b
 DET_BLOCK_N = 16 if INTERPRET else 64
 
 
 @triton.jit
-def _pair_keys_kernel(ids_ptr, bytes_ptr, lengths_ptr, alpha_ptr, key_ptr, coef_ptr, N, D,
-                      P: tl.constexpr, P2: tl.constexpr, BLOCK_N: tl.constexpr):
+def _pair_keys_kernel(
+    ids_ptr,
+    bytes_ptr,
+    lengths_ptr,
+    alpha_ptr,
+    key_ptr,
+    coef_ptr,
+    N,
+    D,
+    P: tl.constexpr,
+    P2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """key[t, p] = b_{t,p} * P + p for p < L_t, else D (sorts after every row); coef[t] = alpha(L_t)."""
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     pos = tl.arange(0, P2)
@@ -276,8 +379,20 @@ def _pair_keys_kernel(ids_ptr, bytes_ptr, lengths_ptr, alpha_ptr, key_ptr, coef_
 
 
 @triton.jit
-def _beta_partial_kernel(ids_ptr, lengths_ptr, beta_ptr, g_ptr, partial_ptr, N, d, stride_gn, stride_gc,
-                         TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _beta_partial_kernel(
+    ids_ptr,
+    lengths_ptr,
+    beta_ptr,
+    g_ptr,
+    partial_ptr,
+    N,
+    d,
+    stride_gn,
+    stride_gc,
+    TOKENS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """partial[c] = sum over tokens c*TOKENS .. (c+1)*TOKENS - 1 of beta(L_t) g_t, in a fixed order."""
     c = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
@@ -289,17 +404,35 @@ def _beta_partial_kernel(ids_ptr, lengths_ptr, beta_ptr, g_ptr, partial_ptr, N, 
         ids = tl.load(ids_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
         L = tl.load(lengths_ptr + ids, mask=n_mask, other=0).to(tl.int32)
         beta = tl.load(beta_ptr + L, mask=n_mask, other=0.0)
-        g = tl.load(g_ptr + offs_n[:, None] * stride_gn + cols[None, :] * stride_gc,
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        g = tl.load(
+            g_ptr + offs_n[:, None] * stride_gn + cols[None, :] * stride_gc,
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.sum(g * beta[:, None], axis=0)
     tl.store(partial_ptr + c * d + cols, acc, mask=d_mask)
 
 
 @triton.jit
-def _row_sum_kernel(row_start_ptr, order_ptr, coef_ptr, g_ptr, bvec_ptr, dst_ptr, d,
-                    stride_gn, stride_gc, stride_dr, stride_dc,
-                    P: tl.constexpr, ACCUMULATE: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr,
-                    BLOCK_D: tl.constexpr, VECTOR_ROWS: tl.constexpr):
+def _row_sum_kernel(
+    row_start_ptr,
+    order_ptr,
+    coef_ptr,
+    g_ptr,
+    bvec_ptr,
+    dst_ptr,
+    d,
+    stride_gn,
+    stride_gc,
+    stride_dr,
+    stride_dc,
+    P: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    ROWS: tl.constexpr,
+    PAIRS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    VECTOR_ROWS: tl.constexpr,
+):
     """dst[row] = [dst[row] +] (sum of the row's pairs, in sorted order) + b, for ROWS rows.
 
     Two fixed orders, chosen by the constexpr VECTOR_ROWS (each deterministic on its own):
@@ -320,8 +453,11 @@ def _row_sum_kernel(row_start_ptr, order_ptr, coef_ptr, g_ptr, bvec_ptr, dst_ptr
             k_mask = k < count
             token = tl.load(order_ptr + start + k, mask=k_mask, other=0) // P
             coef = tl.load(coef_ptr + token, mask=k_mask, other=0.0)
-            g = tl.load(g_ptr + token[:, None] * stride_gn + cols[None, :] * stride_gc,
-                        mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            g = tl.load(
+                g_ptr + token[:, None] * stride_gn + cols[None, :] * stride_gc,
+                mask=k_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
             acc += g * coef[:, None]
         out = acc + b[None, :]
         dst = dst_ptr + rows[:, None] * stride_dr + cols[None, :] * stride_dc
@@ -337,10 +473,13 @@ def _row_sum_kernel(row_start_ptr, order_ptr, coef_ptr, g_ptr, bvec_ptr, dst_ptr
             for i in range(start, end, PAIRS):
                 k = i + tl.arange(0, PAIRS).to(tl.int64)
                 k_mask = k < end
-                token = tl.load(order_ptr + k, mask=k_mask, other=0) // P      # pair index = token * P + pos
+                token = tl.load(order_ptr + k, mask=k_mask, other=0) // P  # pair index = token * P + pos
                 coef = tl.load(coef_ptr + token, mask=k_mask, other=0.0)
-                g = tl.load(g_ptr + token[:, None] * stride_gn + cols[None, :] * stride_gc,
-                            mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                g = tl.load(
+                    g_ptr + token[:, None] * stride_gn + cols[None, :] * stride_gc,
+                    mask=k_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                ).to(tl.float32)
                 acc += tl.sum(g * coef[:, None], axis=0)
             out = acc + b
             dst = dst_ptr + row * stride_dr + cols * stride_dc
@@ -357,23 +496,62 @@ def _deterministic_dw(ids, token_bytes, token_lengths, alpha32, beta32, g, dst, 
     P = token_bytes.shape[1]
     dev = g.device
     assert D % DET_ROWS == 0, (D, DET_ROWS)
-    key = torch.empty(N * P, dtype=torch.int32, device=dev)                  # [N, P] cells, D: no row
-    coef = torch.empty(N, dtype=torch.float32, device=dev)                   # alpha(L_t)
+    key = torch.empty(N * P, dtype=torch.int32, device=dev)  # [N, P] cells, D: no row
+    coef = torch.empty(N, dtype=torch.float32, device=dev)  # alpha(L_t)
     if N:
-        _pair_keys_kernel[(triton.cdiv(N, DET_BLOCK_N),)](ids, token_bytes, token_lengths, alpha32, key, coef, N, D,
-                                                          P=P, P2=triton.next_power_of_2(P), BLOCK_N=DET_BLOCK_N)
-    sorted_key, order = torch.sort(key, stable=True)                         # stable: token order within a row
+        _pair_keys_kernel[(triton.cdiv(N, DET_BLOCK_N),)](
+            ids,
+            token_bytes,
+            token_lengths,
+            alpha32,
+            key,
+            coef,
+            N,
+            D,
+            P=P,
+            P2=triton.next_power_of_2(P),
+            BLOCK_N=DET_BLOCK_N,
+        )
+    sorted_key, order = torch.sort(key, stable=True)  # stable: token order within a row
     row_start = torch.searchsorted(sorted_key, torch.arange(D + 1, device=dev, dtype=torch.int32))
     chunks = max(1, triton.cdiv(N, DET_TOKENS))
     partial = torch.empty(chunks, d, dtype=torch.float32, device=dev)
     grid = (chunks, triton.cdiv(d, DET_BLOCK_D))
-    _beta_partial_kernel[grid](ids, token_lengths, beta32, g, partial, N, d, g.stride(0), g.stride(1),
-                               TOKENS=DET_TOKENS, BLOCK_N=DET_BLOCK_N, BLOCK_D=DET_BLOCK_D)
-    bvec = partial.sum(0)                                                    # fixed shape: fixed order
+    _beta_partial_kernel[grid](
+        ids,
+        token_lengths,
+        beta32,
+        g,
+        partial,
+        N,
+        d,
+        g.stride(0),
+        g.stride(1),
+        TOKENS=DET_TOKENS,
+        BLOCK_N=DET_BLOCK_N,
+        BLOCK_D=DET_BLOCK_D,
+    )
+    bvec = partial.sum(0)  # fixed shape: fixed order
     grid = (D // DET_ROWS, triton.cdiv(d, DET_BLOCK_D))
-    _row_sum_kernel[grid](row_start, order, coef, g, bvec, dst, d, g.stride(0), g.stride(1),
-                          dst.stride(0), dst.stride(1), P=P, ACCUMULATE=accumulate, ROWS=DET_ROWS,
-                          PAIRS=DET_PAIRS, BLOCK_D=DET_BLOCK_D, VECTOR_ROWS=DET_VECTOR_ROWS)
+    _row_sum_kernel[grid](
+        row_start,
+        order,
+        coef,
+        g,
+        bvec,
+        dst,
+        d,
+        g.stride(0),
+        g.stride(1),
+        dst.stride(0),
+        dst.stride(1),
+        P=P,
+        ACCUMULATE=accumulate,
+        ROWS=DET_ROWS,
+        PAIRS=DET_PAIRS,
+        BLOCK_D=DET_BLOCK_D,
+        VECTOR_ROWS=DET_VECTOR_ROWS,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -382,17 +560,23 @@ def _deterministic_dw(ids, token_bytes, token_lengths, alpha32, beta32, g, dst, 
 def _check_main_grad(main_grad, weight):
     if main_grad is None:
         return
-    if tuple(main_grad.shape) != tuple(weight.shape) or not main_grad.dtype.is_floating_point \
-            or main_grad.device != weight.device:
-        raise ValueError(f"main_grad must be a floating tensor shaped like the weight {tuple(weight.shape)} on "
-                         f"{weight.device}, got {main_grad.dtype} {tuple(main_grad.shape)} on {main_grad.device}")
+    if (
+        tuple(main_grad.shape) != tuple(weight.shape)
+        or not main_grad.dtype.is_floating_point
+        or main_grad.device != weight.device
+    ):
+        raise ValueError(
+            f"main_grad must be a floating tensor shaped like the weight {tuple(weight.shape)} on "
+            f"{weight.device}, got {main_grad.dtype} {tuple(main_grad.shape)} on {main_grad.device}"
+        )
 
 
 class KroneckerEmbeddingFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ids, token_bytes, token_lengths, weight, alpha, beta, deterministic=None, main_grad=None,
-                cache_colsum=True):
-        ids = ids.reshape(-1).contiguous()              # a no-op for the sequence-parallel slice (contiguous)
+    def forward(
+        ctx, ids, token_bytes, token_lengths, weight, alpha, beta, deterministic=None, main_grad=None, cache_colsum=True
+    ):
+        ids = ids.reshape(-1).contiguous()  # a no-op for the sequence-parallel slice (contiguous)
         N = ids.numel()
         D, d = weight.shape
         P = token_bytes.shape[1]
@@ -405,8 +589,23 @@ class KroneckerEmbeddingFunction(torch.autograd.Function):
         out = torch.empty(N, d, dtype=weight.dtype, device=weight.device)
         if N:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-            _forward_kernel[grid](ids, token_bytes, token_lengths, alpha32, beta32, weight, colsum, out,
-                                  N, d, weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), P=P)
+            _forward_kernel[grid](
+                ids,
+                token_bytes,
+                token_lengths,
+                alpha32,
+                beta32,
+                weight,
+                colsum,
+                out,
+                N,
+                d,
+                weight.stride(0),
+                weight.stride(1),
+                out.stride(0),
+                out.stride(1),
+                P=P,
+            )
         ctx.save_for_backward(ids, token_bytes, token_lengths, alpha32, beta32)
         ctx.weight_meta = (D, d, weight.dtype)
         ctx.deterministic = deterministic
@@ -440,8 +639,9 @@ class KroneckerEmbeddingFunction(torch.autograd.Function):
         return None, None, None, make(D, d, dtype=dtype, device=g.device), None, None, None, None, None
 
 
-def kronecker_embedding_triton(ids, token_bytes, token_lengths, weight, alpha, beta, deterministic=None,
-                               main_grad=None, cache_colsum=True):
+def kronecker_embedding_triton(
+    ids, token_bytes, token_lengths, weight, alpha, beta, deterministic=None, main_grad=None, cache_colsum=True
+):
     """[N] ids -> [N, d] embeddings with the fused kernels; `weight` may be a column slice.
 
     deterministic: None follows torch.are_deterministic_algorithms_enabled(); True/False forces it.
@@ -450,5 +650,6 @@ def kronecker_embedding_triton(ids, token_bytes, token_lengths, weight, alpha, b
         dummy under megatron's DDP, which marks the parameter `grad_added_to_main_grad`).
     cache_colsum: reuse colsum(W) until the optimizer (or an in-place write) changes W; see cached_colsum.
     """
-    return KroneckerEmbeddingFunction.apply(ids, token_bytes, token_lengths, weight, alpha, beta, deterministic,
-                                            main_grad, cache_colsum)
+    return KroneckerEmbeddingFunction.apply(
+        ids, token_bytes, token_lengths, weight, alpha, beta, deterministic, main_grad, cache_colsum
+    )

@@ -1,6 +1,7 @@
 """Process groups and devices: what every rank of a training job, an offline converter or a single-process
 tool sets up before it builds a model. Used by train/, convert/, inference/ and launch/.
 """
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,6 @@ import socket
 import torch
 
 from .errors import KScaleError
-
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -23,19 +23,23 @@ def device() -> str:
 def cuda_problem() -> str | None:
     """Why this process cannot compute on CUDA, in words a user can act on; None when it can."""
     if torch.version.cuda is None:
-        return (f"this torch ({torch.__version__}) is a CPU build without CUDA; install the CUDA build "
-                f"(KSCALE_TARGET=cuda bash scripts/setup.sh, docs/setup.md)")
+        return (
+            f"this torch ({torch.__version__}) is a CPU build without CUDA; install the CUDA build "
+            f"(KSCALE_TARGET=cuda bash scripts/setup.sh, docs/setup.md)"
+        )
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return "CUDA_VISIBLE_DEVICES is empty: no GPU is visible to this process"
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
-        return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable CUDA device: check "
-                f"`nvidia-smi` (the NVIDIA driver must support CUDA {torch.version.cuda}, docs/setup.md) and "
-                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}")
+        return (
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable CUDA device: check "
+            f"`nvidia-smi` (the NVIDIA driver must support CUDA {torch.version.cuda}, docs/setup.md) and "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}"
+        )
     return None
 
 
 def resolve_device(requested: str, *, local_ranks: int = 1, where: str = "run.device") -> str:
-    """"cuda" or "cpu" for run.device (auto | cuda | cpu): auto is CUDA when a device is usable. CUDA that
+    """ "cuda" or "cpu" for run.device (auto | cuda | cpu): auto is CUDA when a device is usable. CUDA that
     was asked for and cannot be used, or fewer GPUs than local NCCL ranks, is an error, never a fallback."""
     if requested not in DEVICES:
         raise KScaleError(f"unknown device {requested!r}", where=where, fix=f"use one of {', '.join(DEVICES)}")
@@ -43,13 +47,18 @@ def resolve_device(requested: str, *, local_ranks: int = 1, where: str = "run.de
         return "cpu"
     problem = cuda_problem()
     if problem is not None:
-        raise KScaleError(f"CUDA was asked for and is not usable: {problem}", where=f"{where}={requested}",
-                          fix="fix the CUDA set-up, or set run.device=cpu to train on the CPU")
+        raise KScaleError(
+            f"CUDA was asked for and is not usable: {problem}",
+            where=f"{where}={requested}",
+            fix="fix the CUDA set-up, or set run.device=cpu to train on the CPU",
+        )
     count = torch.cuda.device_count()
     if local_ranks > count:
-        raise KScaleError(f"{local_ranks} ranks on this node but {count} visible GPU(s): NCCL cannot run two "
-                          f"ranks on one GPU", where=where,
-                          fix="start one rank per GPU (parallel.nproc / launcher.tasks_per_node = the GPU count)")
+        raise KScaleError(
+            f"{local_ranks} ranks on this node but {count} visible GPU(s): NCCL cannot run two ranks on one GPU",
+            where=where,
+            fix="start one rank per GPU (parallel.nproc / launcher.tasks_per_node = the GPU count)",
+        )
     return "cuda"
 
 
@@ -68,7 +77,7 @@ def free_port() -> int:
 def local_ranks() -> int:
     """Ranks of this job on this node (torchrun's LOCAL_WORLD_SIZE, Slurm's tasks per node)."""
     for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
-        value = os.environ.get(name, "").split("(")[0]         # Slurm may write "8(x2)"
+        value = os.environ.get(name, "").split("(")[0]  # Slurm may write "8(x2)"
         if value.isdigit():
             return int(value)
     return 1
@@ -92,6 +101,7 @@ def init_distributed(requested: str = "auto") -> str:
         _check_one_rank_per_gpu()
     if dev == "cpu":
         from .model import megatron_cpu
+
         megatron_cpu.enable()
     return dev
 
@@ -106,9 +116,11 @@ def _check_one_rank_per_gpu() -> None:
     seen: dict = {}
     for rank, key in enumerate(everyone):
         if key in seen:
-            raise KScaleError(f"ranks {seen[key]} and {rank} share GPU {key[1]} on {key[0]}: NCCL needs one GPU "
-                              f"per rank", where=f"LOCAL_RANK={os.environ.get('LOCAL_RANK')}",
-                              fix="start one task per GPU (Slurm: --ntasks-per-node = --gpus-per-node)")
+            raise KScaleError(
+                f"ranks {seen[key]} and {rank} share GPU {key[1]} on {key[0]}: NCCL needs one GPU per rank",
+                where=f"LOCAL_RANK={os.environ.get('LOCAL_RANK')}",
+                fix="start one task per GPU (Slurm: --ntasks-per-node = --gpus-per-node)",
+            )
         seen[key] = rank
     torch.distributed.destroy_process_group(gloo)
 
@@ -116,6 +128,7 @@ def _check_one_rank_per_gpu() -> None:
 def destroy_distributed() -> None:
     """Undo `init_distributed` and megatron's parallel state (a rank's last step, also after an error)."""
     from megatron.core import parallel_state
+
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -125,11 +138,13 @@ def init_single_process() -> None:
     """A world of one (gloo) with megatron's TP = PP = 1 state, for tools that load a checkpoint in the
     calling process; idempotent."""
     from megatron.core import parallel_state as ps
+
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                             world_size=1)
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if torch.distributed.get_world_size() != 1:
-        raise KScaleError("single-process loading was called inside a multi-process job",
-                          fix="load checkpoints for export or probes in a plain Python process")
+        raise KScaleError(
+            "single-process loading was called inside a multi-process job",
+            fix="load checkpoints for export or probes in a plain Python process",
+        )
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)

@@ -3,6 +3,7 @@
 Every user-facing failure (bad config, missing file, id out of range, fingerprint mismatch) raises
 `KScaleError`; the `kscale` command prints its message and exits non-zero without a traceback.
 """
+
 from __future__ import annotations
 
 

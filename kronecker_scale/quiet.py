@@ -19,6 +19,7 @@ Call `install(os.environ.get("KSCALE_VERBOSE") == "1")` at process start, before
 deepspeed is imported (some notices are emitted at import time); `kscale --verbose` sets KSCALE_VERBOSE=1
 so that rank processes inherit it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,11 +33,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Notice:
-    label: str          # what the summary calls it
-    library: str        # who emits it
-    channel: str        # warnings | logging | print
-    regex: str          # searched in the message text
-    logger: str | None = None   # channel logging: the logger that emits it
+    label: str  # what the summary calls it
+    library: str  # who emits it
+    channel: str  # warnings | logging | print
+    regex: str  # searched in the message text
+    logger: str | None = None  # channel logging: the logger that emits it
 
     def matches(self, text: str) -> bool:
         """A printed line must be the notice exactly; a warning or log message need only contain it."""
@@ -46,35 +47,71 @@ class Notice:
 
 KNOWN: tuple[Notice, ...] = (
     # megatron-core 0.19: Apex / Transformer Engine fallbacks (import time) and deprecations
-    Notice("Apex/TE absent: torch optimizers", "megatron-core", "warnings",
-           r"Transformer Engine and Apex are not installed\. Falling back to Torch optimizers"),
-    Notice("Apex/TE absent: local multi-tensor ops", "megatron-core", "warnings",
-           r"Transformer Engine and Apex are not installed\. Falling back to local implementations of "
-           r"multi_tensor_applier"),
-    Notice("Apex absent: torch norm", "megatron-core", "warnings",
-           r"Apex is not installed\. Falling back to Torch Norm"),
-    Notice("cuda-graph 'full scope' deprecation", "megatron-core", "warnings",
-           r"full scope is deprecated\. Use empty cuda_graph_modules"),
-    Notice("MimoModelConfig experimental", "megatron-core", "warnings",
-           r"MimoModelConfig is experimental and still under active development"),
-    Notice("MCore async save deprecation", "megatron-core", "logging",
-           r"MCore's async save is deprecated", logger="megatron.core.dist_checkpointing.strategies.torch"),
+    Notice(
+        "Apex/TE absent: torch optimizers",
+        "megatron-core",
+        "warnings",
+        r"Transformer Engine and Apex are not installed\. Falling back to Torch optimizers",
+    ),
+    Notice(
+        "Apex/TE absent: local multi-tensor ops",
+        "megatron-core",
+        "warnings",
+        r"Transformer Engine and Apex are not installed\. Falling back to local implementations of "
+        r"multi_tensor_applier",
+    ),
+    Notice(
+        "Apex absent: torch norm", "megatron-core", "warnings", r"Apex is not installed\. Falling back to Torch Norm"
+    ),
+    Notice(
+        "cuda-graph 'full scope' deprecation",
+        "megatron-core",
+        "warnings",
+        r"full scope is deprecated\. Use empty cuda_graph_modules",
+    ),
+    Notice(
+        "MimoModelConfig experimental",
+        "megatron-core",
+        "warnings",
+        r"MimoModelConfig is experimental and still under active development",
+    ),
+    Notice(
+        "MCore async save deprecation",
+        "megatron-core",
+        "logging",
+        r"MCore's async save is deprecated",
+        logger="megatron.core.dist_checkpointing.strategies.torch",
+    ),
     # torch, as megatron's dist_checkpointing and DeepSpeed call it
-    Notice("ShardedTensor deprecation", "torch", "warnings",
-           r"Please use DTensor instead and we are deprecating ShardedTensor"),
-    Notice("DCP load argument order", "torch", "warnings",
-           r"The argument order of load has been changed"),
-    Notice("DCP single-process load", "torch", "warnings",
-           r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load "
-           r"in a single process"),
-    Notice("all_gather_into_tensor deprecation", "torch", "warnings",
-           r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
+    Notice(
+        "ShardedTensor deprecation",
+        "torch",
+        "warnings",
+        r"Please use DTensor instead and we are deprecating ShardedTensor",
+    ),
+    Notice("DCP load argument order", "torch", "warnings", r"The argument order of load has been changed"),
+    Notice(
+        "DCP single-process load",
+        "torch",
+        "warnings",
+        r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load "
+        r"in a single process",
+    ),
+    Notice(
+        "all_gather_into_tensor deprecation",
+        "torch",
+        "warnings",
+        r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    ),
     # DeepSpeed 0.19.8
-    Notice("DeepSpeed CPU accelerator", "deepspeed", "logging",
-           r"Setting accelerator to CPU\. If you have GPU or other accelerator, we were unable to detect it",
-           logger="DeepSpeed"),
-    Notice("DeepSpeed shm comm op built", "deepspeed", "print",
-           r"DeepSpeed \S+ built successfully"),
+    Notice(
+        "DeepSpeed CPU accelerator",
+        "deepspeed",
+        "logging",
+        r"Setting accelerator to CPU\. If you have GPU or other accelerator, we were unable to detect it",
+        logger="DeepSpeed",
+    ),
+    Notice("DeepSpeed shm comm op built", "deepspeed", "print", r"DeepSpeed \S+ built successfully"),
 )
 
 _patterns: dict[str, re.Pattern] = {}
@@ -87,8 +124,8 @@ def _compiled(regex: str) -> re.Pattern:
 
 
 _lock = threading.Lock()
-_counts: Counter = Counter()          # label -> notices hidden in this process (insertion = first seen)
-_state: dict = {}                     # what install() replaced, to undo it
+_counts: Counter = Counter()  # label -> notices hidden in this process (insertion = first seen)
+_state: dict = {}  # what install() replaced, to undo it
 
 
 def match(text: str, channel: str | None = None) -> Notice | None:
@@ -120,7 +157,7 @@ class _LogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             text = record.getMessage()
-        except Exception:                       # a malformed record is not ours to judge
+        except Exception:  # a malformed record is not ours to judge
             return True
         return not _hide(text)
 
@@ -205,5 +242,4 @@ def summary() -> str | None:
         return None
     total = sum(counts.values())
     parts = ", ".join(f"{label} x{k}" for label, k in counts.items())
-    return (f"quiet: {total} known library notice{'s' if total != 1 else ''} hidden ({parts}); "
-            f"--verbose shows them")
+    return f"quiet: {total} known library notice{'s' if total != 1 else ''} hidden ({parts}); --verbose shows them"

@@ -14,6 +14,7 @@ Multi-process tests (torch.multiprocessing ranks, `kscale train` / `launch`, Slu
 that uses the fixtures above) and tests over ~5 s are marked `slow`: `pytest -m "not slow"` is the fast
 tier, scripts/test.sh (the README's command) runs everything.
 """
+
 import os
 
 # Multi-process tests on 2 cores stall with several OpenMP threads per process (two threads per process).
@@ -34,6 +35,7 @@ HAS_CUDA = torch.cuda.is_available()
 def _gpu_listed() -> bool:
     import shutil
     import subprocess
+
     if shutil.which("nvidia-smi") is None:
         return False
     out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
@@ -42,8 +44,12 @@ def _gpu_listed() -> bool:
 
 if not HAS_CUDA and os.environ.get("KSCALE_TESTS_ALLOW_CPU") != "1" and _gpu_listed():
     from kronecker_scale.distributed import cuda_problem
-    pytest.exit(f"nvidia-smi lists a GPU but torch cannot use it: {cuda_problem()}. Fix the CUDA set-up "
-                f"(docs/setup.md), or set KSCALE_TESTS_ALLOW_CPU=1 to run the tests on the CPU.", returncode=2)
+
+    pytest.exit(
+        f"nvidia-smi lists a GPU but torch cannot use it: {cuda_problem()}. Fix the CUDA set-up "
+        f"(docs/setup.md), or set KSCALE_TESTS_ALLOW_CPU=1 to run the tests on the CPU.",
+        returncode=2,
+    )
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -76,6 +82,7 @@ def tiny_dataset(tiny_runs_base):
 def tiny_config(tiny_dataset):
     def make(directory, **sections):
         return tiny_runs.write_config(directory / "config.yaml", tiny_dataset, **sections)
+
     return make
 
 

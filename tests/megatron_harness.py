@@ -5,6 +5,7 @@ this rank's shard (megatron's partition dim and stride) and this stage's layers.
 gathered back to full tensors with the global layer names, so any layout compares to the reference.
 Used by tests/test_megatron_gpt.py (which spawns the processes and asserts).
 """
+
 from __future__ import annotations
 
 import os
@@ -13,14 +14,17 @@ from pathlib import Path
 
 import torch
 
-WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from at which but have "
-         "an had they you were their one all we can her has there been if more when will would who so no "
-         "running runner ran runs compute commute nation notion naïve café 日本 🙂 RUN Run .run").split()
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he I this are or his from at which but have "
+    "an had they you were their one all we can her has there been if more when will would who so no "
+    "running runner ran runs compute commute nation notion naïve café 日本 🙂 RUN Run .run"
+).split()
 B, S = 2, 16
 
 
 def byte_table():
     from kronecker_scale.embedding import ByteTable
+
     tokens = [w.encode() for w in WORDS] + [(" " + w).encode() for w in WORDS] + [b"", b"\n", b"x" * 40]
     return ByteTable.from_token_bytes(tokens, pos_dim=16)
 
@@ -28,8 +32,12 @@ def byte_table():
 def batch(vocab: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (B, S + 1), generator=g)
-    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-            "position_ids": torch.arange(S).repeat(B, 1), "loss_mask": torch.ones(B, S)}
+    return {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "position_ids": torch.arange(S).repeat(B, 1),
+        "loss_mask": torch.ones(B, S),
+    }
 
 
 def _global_name(name: str, layer_offset: int) -> str:
@@ -57,8 +65,7 @@ def _gather(local: torch.Tensor, param, group, tp: int) -> torch.Tensor:
 def run_case(case: dict, ref_state: dict | None) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -79,19 +86,24 @@ def run_case(case: dict, ref_state: dict | None) -> dict:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 key = names[n]
-                if key == "output_layer.weight" and key not in ref_state:      # last-stage copy of the projection
+                if key == "output_layer.weight" and key not in ref_state:  # last-stage copy of the projection
                     key = "embedding.word_embeddings.weight"
                 p.copy_(_shard(ref_state[key], p, tp_rank, tp))
     if case.get("load_ckpt"):
         from megatron.core import dist_checkpointing
+
         loaded = dist_checkpointing.load(model.sharded_state_dict(), case["load_ckpt"])
         model.load_state_dict(loaded, strict=True)
     if case.get("save_ckpt"):
         from megatron.core import dist_checkpointing
+
         dist_checkpointing.save(model.sharded_state_dict(), case["save_ckpt"])
-    out = {"state": None, "n_params": sum(p.numel() for p in model.parameters()),
-           "full_state": {names[n]: _gather(p.detach(), p, tp_group, tp) for n, p in model.named_parameters()},
-           "buffers": {n: b.clone() for n, b in model.named_buffers()}}
+    out = {
+        "state": None,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "full_state": {names[n]: _gather(p.detach(), p, tp_group, tp) for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+    }
     if ps.get_pipeline_model_parallel_world_size() == 1 and tp == 1:
         out["state"] = {n: p.detach().clone() for n, p in model.state_dict().items() if not n.endswith("_extra_state")}
     if case.get("steps", 1) == 0:
@@ -100,8 +112,7 @@ def run_case(case: dict, ref_state: dict | None) -> dict:
     ddp = DistributedDataParallel(tcfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     tcfg.finalize_model_grads_func = finalize_model_grads
     tcfg.no_sync_func = ddp.no_sync
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.0, bf16=False),
-                                 [ddp])
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.0, bf16=False), [ddp])
     data = batch(table.num_token_ids if cfg.input_layer == "kronecker" else table.vocab_size)
 
     def forward_step(data_iterator, m):
@@ -112,23 +123,30 @@ def run_case(case: dict, ref_state: dict | None) -> dict:
             total = (output_tensor.float() * d["loss_mask"]).sum()
             n = d["loss_mask"].sum()
             return total, n.to(torch.int), {"lm loss": torch.stack([total.detach(), n])}
+
         return output, loss_func
 
     logits = None
     if pp == 1:
-        model.eval()                         # at the starting weights, before any step
+        model.eval()  # at the starting weights, before any step
         with torch.no_grad():
-            local = model(data["tokens"], data["position_ids"], None)              # [b, s, V/TP]
-            logits = _gather(local, type("P", (), {"tensor_model_parallel": True, "partition_dim": 2})(),
-                             tp_group, tp)
+            local = model(data["tokens"], data["position_ids"], None)  # [b, s, V/TP]
+            logits = _gather(local, type("P", (), {"tensor_model_parallel": True, "partition_dim": 2})(), tp_group, tp)
         model.train()
     fb = get_forward_backward_func()
     losses, grads = [], {}
     for step in range(case.get("steps", 1)):
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        stats = fb(forward_step_func=forward_step, data_iterator=iter([data]), model=[ddp], num_microbatches=1,
-                   seq_length=S, micro_batch_size=B, forward_only=False)
+        stats = fb(
+            forward_step_func=forward_step,
+            data_iterator=iter([data]),
+            model=[ddp],
+            num_microbatches=1,
+            seq_length=S,
+            micro_batch_size=B,
+            forward_only=False,
+        )
         if stats:
             s = stats[0]["lm loss"]
             losses.append((s[0] / s[1]).item())
@@ -145,6 +163,7 @@ def worker(rank: int, world: int, init_file: str, cases: dict, out_dir: str, ref
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from kronecker_scale.model import megatron_cpu
+
     megatron_cpu.enable()
     refs = torch.load(ref_file) if ref_file else {}
     results = {}
@@ -165,6 +184,7 @@ def embedding_worker(rank: int, world: int, init_file: str, out_dir: str):
     from kronecker_scale.embedding import KroneckerEmbedding
     from kronecker_scale.model import megatron_cpu
     from kronecker_scale.model.megatron_gpt import GPTConfig, KroneckerLanguageModelEmbedding, transformer_config
+
     megatron_cpu.enable()
     ps.initialize_model_parallel(tensor_model_parallel_size=world)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
@@ -174,29 +194,39 @@ def embedding_worker(rank: int, world: int, init_file: str, out_dir: str):
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, table.vocab_size, (B, S), generator=g)
     grad = torch.randn(S, B, 64, generator=g)
-    ref = single(ids)                                             # [b, s, d]
+    ref = single(ids)  # [b, s, d]
     ref.backward(grad.transpose(0, 1))
     results = {"ref_out": ref.detach(), "ref_grad": single.weight.grad.clone()}
     for variant in ("shard_d", "replicated"):
         for sp in (False, True):
             cfg = GPTConfig(d_model=64, n_heads=4, seq_len=S, pos_dim=16, position="rope", kronecker_tp=variant)
             tcfg = transformer_config(cfg, tensor_parallel=world, sequence_parallel=sp)
-            layer = KroneckerLanguageModelEmbedding(tcfg, table.vocab_size, S, position_embedding_type="rope",
-                                                    tp_group=group, byte_table=table, model_cfg=cfg)
+            layer = KroneckerLanguageModelEmbedding(
+                tcfg,
+                table.vocab_size,
+                S,
+                position_embedding_type="rope",
+                tp_group=group,
+                byte_table=table,
+                model_cfg=cfg,
+            )
             w = layer.word_embeddings.weight
             with torch.no_grad():
                 w.copy_(_shard(single.weight.detach(), w, rank, world))
-            out = layer(ids, None)                                # [s(/TP), b, d]
+            out = layer(ids, None)  # [s(/TP), b, d]
             local_grad = grad.chunk(world)[rank] if sp else grad
             out.backward(local_grad)
             wgrad = w.grad.clone()
-            if getattr(w, "sequence_parallel", False):            # what finalize_model_grads does over TP
+            if getattr(w, "sequence_parallel", False):  # what finalize_model_grads does over TP
                 torch.distributed.all_reduce(wgrad, group=group)
             if sp:
                 parts = [torch.empty_like(out) for _ in range(world)]
                 torch.distributed.all_gather(parts, out.detach().contiguous(), group=group)
                 out = torch.cat(parts, 0)
-            results[f"{variant}/sp={sp}"] = {"out": out.detach().transpose(0, 1), "grad": _gather(wgrad, w, group, world)}
+            results[f"{variant}/sp={sp}"] = {
+                "out": out.detach().transpose(0, 1),
+                "grad": _gather(wgrad, w, group, world),
+            }
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     ps.destroy_model_parallel()
     torch.distributed.destroy_process_group()

@@ -5,6 +5,7 @@ slurmd on localhost, stopped by PID.
 `SKIP_REASON`, so the tests skip and say why. A Slurm that is already up (sinfo answers) is used as
 it is and left running.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 SKIP_REASON = ""
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
-PID_FILES = ["/run/slurmd.pid", "/run/slurmctld.pid", "/run/munge/munged.pid"]     # stop order
+PID_FILES = ["/run/slurmd.pid", "/run/slurmctld.pid", "/run/munge/munged.pid"]  # stop order
 
 
 def _conf() -> str:
@@ -66,7 +67,10 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
 
 def slurm_up() -> bool:
     return shutil.which("sinfo") is not None and _run(["sinfo", "-h", "-o", "%t"], timeout=10).stdout.strip() in (
-        "idle", "mix", "alloc")
+        "idle",
+        "mix",
+        "alloc",
+    )
 
 
 def _install() -> str:

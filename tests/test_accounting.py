@@ -1,4 +1,5 @@
 """Parameter accounting against the paper and against real torch modules counted by numel()."""
+
 import pytest
 from torch import nn
 
@@ -15,7 +16,7 @@ def test_paper_input_side_figures():
 
 def test_gpt2_124m_totals():
     s = GPTShape(vocab_size=50257, d_model=768, n_layers=12, seq_len=1024, n_heads=12)
-    assert model_params(s, "bpe_tied")["total"] == 124_439_808            # GPT-2 small, tied
+    assert model_params(s, "bpe_tied")["total"] == 124_439_808  # GPT-2 small, tied
     # the paper: the Kronecker arm (projection + untied head) is net +3.1M over BPE-tied
     assert model_params(s, "kronecker", 16)["total"] - model_params(s, "bpe_tied")["total"] == 3_145_728
 
@@ -30,13 +31,23 @@ class Block(nn.Module):  # nanoGPT's block, written out: the independent count
         self.fc2 = nn.Linear(f, d)
 
 
-@pytest.mark.parametrize("activation,norm,position", [("gelu", "layernorm", "learned_absolute"),
-                                                       ("swiglu", "rmsnorm", "rope")])
+@pytest.mark.parametrize(
+    "activation,norm,position", [("gelu", "layernorm", "learned_absolute"), ("swiglu", "rmsnorm", "rope")]
+)
 @pytest.mark.parametrize("arm", ARMS)
 def test_counts_equal_numel_of_real_modules(arm, activation, norm, position):
     V, d, layers, T, P = 1000, 64, 3, 32, 16
-    shape = GPTShape(vocab_size=V, d_model=d, n_layers=layers, seq_len=T, n_heads=4,
-                     activation=activation, norm=norm, position=position, ffn_hidden=96)
+    shape = GPTShape(
+        vocab_size=V,
+        d_model=d,
+        n_layers=layers,
+        seq_len=T,
+        n_heads=4,
+        activation=activation,
+        norm=norm,
+        position=position,
+        ffn_hidden=96,
+    )
     mods = [Block(d, 96, activation == "swiglu", norm) for _ in range(layers)]
     mods.append(nn.LayerNorm(d) if norm == "layernorm" else nn.RMSNorm(d))
     if position == "learned_absolute":

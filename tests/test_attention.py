@@ -9,6 +9,7 @@
   dropout on: megatron's checkpointing restores the RNG states (the CPU layer maps its CUDA tracker onto
   the CPU generator), so the recomputed forward draws the same masks.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,13 @@ RTOL = 1e-5
 def spawn(tmp_path: Path, world: int, cases: dict, ref_file: str | None = None, tag: str = "run") -> list[dict]:
     out = tmp_path / tag
     out.mkdir()
-    mp.start_processes(H.worker, args=(world, str(out / "init"), cases, str(out), ref_file), nprocs=world,
-                       join=True, start_method="spawn")
+    mp.start_processes(
+        H.worker,
+        args=(world, str(out / "init"), cases, str(out), ref_file),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
     return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 
@@ -58,9 +64,14 @@ REFERENCE_CASES = {
     "llama/local": {"model": {**LLAMA, "attention_backend": "local"}, "steps": 3},
     "llama/sdpa": {"model": {**LLAMA, "attention_backend": "sdpa"}, "steps": 3, "ref": "llama/local"},
     # dropout on (hidden and attention): recompute must redraw the same masks
-    **{f"drop/{backend}/{recompute}": {"model": {**DROP, "attention_backend": backend, "recompute": recompute},
-                                       "steps": 3}
-       for backend in ("local", "sdpa") for recompute in ("none", "selective", "full")},
+    **{
+        f"drop/{backend}/{recompute}": {
+            "model": {**DROP, "attention_backend": backend, "recompute": recompute},
+            "steps": 3,
+        }
+        for backend in ("local", "sdpa")
+        for recompute in ("none", "selective", "full")
+    },
 }
 
 
@@ -97,14 +108,32 @@ def test_recompute_leaves_losses_and_gradients_unchanged(reference, backend):
 @pytest.mark.timeout(600)
 def test_sdpa_at_tp2_with_and_without_sequence_parallel_equals_local_tp1(reference, tmp_path):
     ref, ref_file = reference
-    cases = {f"{arm}sdpa/tp2{'-sp' if sp else ''}": {"model": {**model, "attention_backend": "sdpa"}, "tp": 2,
-                                                     "sp": sp, "steps": 3, "ref": f"{arm}local"}
-             for arm, model in (("", BASE), ("llama/", LLAMA)) for sp in (False, True)}
+    cases = {
+        f"{arm}sdpa/tp2{'-sp' if sp else ''}": {
+            "model": {**model, "attention_backend": "sdpa"},
+            "tp": 2,
+            "sp": sp,
+            "steps": 3,
+            "ref": f"{arm}local",
+        }
+        for arm, model in (("", BASE), ("llama/", LLAMA))
+        for sp in (False, True)
+    }
     # full recompute with dropout at TP = 2 (the tracker's model-parallel RNG state is restored too)
-    cases["drop/tp2/none"] = {"model": {**DROP, "attention_backend": "sdpa"}, "tp": 2, "sp": True, "steps": 2,
-                              "ref": "drop/sdpa/none"}
-    cases["drop/tp2/full"] = {"model": {**DROP, "attention_backend": "sdpa", "recompute": "full"}, "tp": 2,
-                              "sp": True, "steps": 2, "ref": "drop/sdpa/none"}
+    cases["drop/tp2/none"] = {
+        "model": {**DROP, "attention_backend": "sdpa"},
+        "tp": 2,
+        "sp": True,
+        "steps": 2,
+        "ref": "drop/sdpa/none",
+    }
+    cases["drop/tp2/full"] = {
+        "model": {**DROP, "attention_backend": "sdpa", "recompute": "full"},
+        "tp": 2,
+        "sp": True,
+        "steps": 2,
+        "ref": "drop/sdpa/none",
+    }
     results = spawn(tmp_path, 2, cases, ref_file)
     for rank, per_rank in enumerate(results):
         for case, res in per_rank.items():
@@ -112,8 +141,9 @@ def test_sdpa_at_tp2_with_and_without_sequence_parallel_equals_local_tp1(referen
                 continue
             arm = case.split("sdpa/")[0]
             assert_same_run(res, ref[f"{arm}local"], f"rank {rank} {case} vs local TP=1")
-        assert_same_run(per_rank["drop/tp2/full"], per_rank["drop/tp2/none"], f"rank {rank} TP=2 full recompute",
-                        logits=False)
+        assert_same_run(
+            per_rank["drop/tp2/full"], per_rank["drop/tp2/none"], f"rank {rank} TP=2 full recompute", logits=False
+        )
 
 
 # --- the core-attention module itself: grouped-query attention, masks, dropout ---------------------------
@@ -128,17 +158,24 @@ def core_attention_worker(rank: int, world: int, init_file: str, out_dir: str) -
 
     from kronecker_scale.model import megatron_cpu
     from kronecker_scale.model.megatron_gpt import SDPAttention
+
     megatron_cpu.enable()
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
     tensor_parallel.model_parallel_cuda_manual_seed(5)
     out = {}
     g = torch.Generator().manual_seed(3)
     s, b, heads, dh = 12, 2, 4, 8
-    for groups in (4, 2, 1):                          # MHA, GQA, MQA
+    for groups in (4, 2, 1):  # MHA, GQA, MQA
         for mask_type in (AttnMaskType.causal, AttnMaskType.padding):
-            cfg = TransformerConfig(num_layers=1, hidden_size=heads * dh, num_attention_heads=heads,
-                                    num_query_groups=groups, attention_dropout=0.0, masked_softmax_fusion=False,
-                                    use_cpu_initialization=True)
+            cfg = TransformerConfig(
+                num_layers=1,
+                hidden_size=heads * dh,
+                num_attention_heads=heads,
+                num_query_groups=groups,
+                attention_dropout=0.0,
+                masked_softmax_fusion=False,
+                use_cpu_initialization=True,
+            )
             q = torch.randn(s, b, heads, dh, generator=g, requires_grad=True)
             k = torch.randn(s, b, groups, dh, generator=g, requires_grad=True)
             v = torch.randn(s, b, groups, dh, generator=g, requires_grad=True)
@@ -158,8 +195,9 @@ def core_attention_worker(rank: int, world: int, init_file: str, out_dir: str) -
                 got[name] = (y.detach(), *(t.grad.clone() for t in (q, k, v)))
             out[f"g{groups}/{mask_type.name}"] = got
     # attention dropout: active in training, off in eval, reproducible from the tracker's state
-    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, attention_dropout=0.5,
-                            use_cpu_initialization=True)
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=4, attention_dropout=0.5, use_cpu_initialization=True
+    )
     module = SDPAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
     q, k, v = (torch.randn(s, b, 4, 8, generator=g) for _ in range(3))
     tracker = tensor_parallel.get_cuda_rng_tracker()
@@ -177,8 +215,13 @@ def core_attention_worker(rank: int, world: int, init_file: str, out_dir: str) -
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sdpa_core_attention_equals_dot_product_attention_with_grouped_queries_and_masks(tmp_path):
-    mp.start_processes(core_attention_worker, args=(1, str(tmp_path / "init"), str(tmp_path)), nprocs=1,
-                       join=True, start_method="spawn")
+    mp.start_processes(
+        core_attention_worker,
+        args=(1, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=1,
+        join=True,
+        start_method="spawn",
+    )
     res = torch.load(tmp_path / "rank0.pt")
     for case, got in res.items():
         if case == "dropout":
@@ -186,20 +229,22 @@ def test_sdpa_core_attention_equals_dot_product_attention_with_grouped_queries_a
         for what, a, b in zip(("out", "dq", "dk", "dv"), got["sdpa"], got["local"]):
             assert_close(a, b, f"{case} {what}")
     drop = res["dropout"]
-    assert torch.equal(drop["train"], drop["again"])             # the tracker's state decides the mask
+    assert torch.equal(drop["train"], drop["again"])  # the tracker's state decides the mask
     assert not torch.allclose(drop["train"], drop["eval"])
 
 
 # --- configuration --------------------------------------------------------------------------------------
-@pytest.mark.slow          # imports megatron-core (~6 s)
+@pytest.mark.slow  # imports megatron-core (~6 s)
 def test_backend_names_are_checked_and_te_is_a_clear_error_without_transformer_engine():
     from kronecker_scale.errors import KScaleError
     from kronecker_scale.model.config import GPTConfig
+
     with pytest.raises(KScaleError, match="attention_backend"):
         GPTConfig(attention_backend="flash").validate()
     with pytest.raises(KScaleError, match="recompute"):
         GPTConfig(recompute="some").validate()
     from kronecker_scale.model.megatron_gpt import resolve_attention_backend, transformer_engine_problem
+
     assert resolve_attention_backend("local") == "local" and resolve_attention_backend("sdpa") == "sdpa"
     problem = transformer_engine_problem()
     if problem is None:
@@ -215,6 +260,7 @@ def test_te_backend_is_refused_before_any_process_starts(tmp_path):
 
     from kronecker_scale.config import load_config
     from kronecker_scale.errors import KScaleError
+
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  train: [{path: x}]\n")
     load_config(cfg, ["model.attention_backend=sdpa", "model.recompute=full"])

@@ -2,6 +2,7 @@
 end at toy size, and its rows hold what they claim: every provider x mode at the grid's shape, positive
 times, ratios that are the quotient of two of its own times, and "saved" bytes equal to what the shapes
 say each implementation must keep for backward."""
+
 import csv
 import itertools
 import math
@@ -49,8 +50,9 @@ def test_smoke_grid_rows_csv_markdown_and_plot(tmp_path):
     (n,), (d,), (pos_dim,), (dt,) = grid["tokens"], grid["d_model"], grid["pos_dim"], grid["dtype"]
     # one row per provider x mode, at the grid's shape, on this device
     assert sorted((r.provider, r.mode) for r in results) == sorted(itertools.product(providers, bench.MODES))
-    assert {(r.tokens, r.d_model, r.pos_dim, r.dtype, r.device, r.peak_bytes) for r in results} == \
-        {(n, d, pos_dim, dt, "cpu", 0)}                       # peak memory is measured on CUDA only
+    assert {(r.tokens, r.d_model, r.pos_dim, r.dtype, r.device, r.peak_bytes) for r in results} == {
+        (n, d, pos_dim, dt, "cpu", 0)
+    }  # peak memory is measured on CUDA only
     assert all(math.isfinite(r.ms) and r.ms > 0 for r in results)
     # ratio = this row's time / nn.Embedding's time in the same mode
     base = {r.mode: r.ms for r in results if r.provider == "nn_embedding"}
@@ -58,6 +60,7 @@ def test_smoke_grid_rows_csv_markdown_and_plot(tmp_path):
         assert r.ratio_vs_nn_embedding == pytest.approx(r.ms / base[r.mode], rel=1e-12)
     # saved bytes from the shapes, with the real ids the benchmark ran on
     from kronecker_scale.tokenizer.assets import tokenizer_path
+
     tok = tokenizer_path("tekken")
     ids = bench.real_ids(tok, n, CPU)
     assert ids.numel() == n and int(ids.max()) < bench.VOCAB
@@ -68,14 +71,17 @@ def test_smoke_grid_rows_csv_markdown_and_plot(tmp_path):
     # the CSV holds the rows, value for value; the markdown their fwd/bwd/full times and saved KiB
     paths = bench.write_outputs(results, tmp_path, "kscale bench embedding --grid smoke")
     rows = list(csv.DictReader(open(paths["csv"])))
-    assert [(row["provider"], row["mode"], float(row["ms"]), int(row["saved_bytes"])) for row in rows] == \
-        [(r.provider, r.mode, r.ms, r.saved_bytes) for r in results]
+    assert [(row["provider"], row["mode"], float(row["ms"]), int(row["saved_bytes"])) for row in rows] == [
+        (r.provider, r.mode, r.ms, r.saved_bytes) for r in results
+    ]
     md = paths["md"].read_text()
     for p in providers:
         m = {r.mode: r for r in results if r.provider == p}
-        assert (f"| {n} | {d} | {pos_dim} | {dt} | {p} | {m['forward'].ms:.3f} | {m['backward'].ms:.3f} | "
-                f"{m['full'].ms:.3f} | {m['full'].ratio_vs_nn_embedding:.2f}x | "
-                f"{m['full'].saved_bytes / 2**10:.1f} | {m['full'].bytes_per_token:,.0f} | - | - |") in md
+        assert (
+            f"| {n} | {d} | {pos_dim} | {dt} | {p} | {m['forward'].ms:.3f} | {m['backward'].ms:.3f} | "
+            f"{m['full'].ms:.3f} | {m['full'].ratio_vs_nn_embedding:.2f}x | "
+            f"{m['full'].saved_bytes / 2**10:.1f} | {m['full'].bytes_per_token:,.0f} | - | - |"
+        ) in md
     # bytes per token from the model with the ids' own statistics; GB/s and fraction of peak on a GPU only
     stats = bench.IdStats.of(ByteTable.from_tokenizer(tok, pos_dim=pos_dim), ids)
     for r in results:
@@ -95,7 +101,7 @@ def test_bytes_model_kronecker_is_at_or_below_nn_embedding_at_the_goal_shape():
     for provider, main_grad in (("kron_triton", False), ("kron_triton", True), ("kron_triton_det", False)):
         kron = bench.bytes_per_token(provider, "full", main_grad=main_grad, **GOAL) + colsum
         assert kron <= nn_bytes, (provider, main_grad, kron, nn_bytes)
-    assert bench.bytes_per_token("kron_torch", "full", **GOAL) > nn_bytes          # what the kernels are for
+    assert bench.bytes_per_token("kron_torch", "full", **GOAL) > nn_bytes  # what the kernels are for
 
 
 def test_bytes_model_terms_are_the_shapes_arithmetic():
@@ -103,7 +109,9 @@ def test_bytes_model_terms_are_the_shapes_arithmetic():
     D = 256 * P
     kw = dict(N=N, d=d, P=P, V=V, elem=e)
     # nn.Embedding at the bound: ids twice, out written, g read, the dense V x d gradient written
-    assert bench.bytes_per_token("nn_embedding", "full", **kw) * N == pytest.approx(2 * N * 8 + 2 * N * d * e + V * d * e, rel=1e-12)
+    assert bench.bytes_per_token("nn_embedding", "full", **kw) * N == pytest.approx(
+        2 * N * 8 + 2 * N * d * e + V * d * e, rel=1e-12
+    )
     # kron_triton: forward gathers W once (L2-resident column slices); backward reads g once, zeroes an fp32
     # accumulator, reads + writes the touched rows, reads it back and writes dW in bf16
     fwd = N * 10 + N * P + D * d * e + d * 4 + N * d * e
@@ -115,15 +123,18 @@ def test_bytes_model_terms_are_the_shapes_arithmetic():
     assert bench.bytes_per_token("kron_triton", "backward", main_grad=True, **kw) * N == pytest.approx(mg, rel=1e-12)
     # the ids' statistics enter where they should: fewer touched rows, fewer bytes
     few = bench.IdStats(mean_len=3.0, distinct_ids=100, touched_rows=50)
-    assert bench.bytes_per_token("kron_triton", "backward", stats=few, **kw) * N == \
-        pytest.approx(bwd - 2 * (min(D, N * P) - 50) * d * 4 - N * (P - 3), rel=1e-12)
-    assert bench.bytes_per_token("nn_embedding", "full", stats=few, **kw) * N == \
-        pytest.approx(2 * N * 8 + 2 * N * d * e + V * d * e + 100 * d * e + 100 * d * (2 * 4 + e), rel=1e-12)
+    assert bench.bytes_per_token("kron_triton", "backward", stats=few, **kw) * N == pytest.approx(
+        bwd - 2 * (min(D, N * P) - 50) * d * 4 - N * (P - 3), rel=1e-12
+    )
+    assert bench.bytes_per_token("nn_embedding", "full", stats=few, **kw) * N == pytest.approx(
+        2 * N * 8 + 2 * N * d * e + V * d * e + 100 * d * e + 100 * d * (2 * 4 + e), rel=1e-12
+    )
     assert bench.peak_bandwidth("cpu") is None
 
 
 def test_the_goal_table_in_docs_is_the_models():
     from pathlib import Path
+
     doc = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
     for line in bench.goal_table().splitlines():
         assert line in doc, line
@@ -143,6 +154,7 @@ def test_no_runtime_module_imports_the_benchmarks():
     from pathlib import Path
 
     import kronecker_scale
+
     root = Path(kronecker_scale.__file__).parent
     uses = re.compile(r"(kronecker_scale|from \.+)\.?benchmarks\b")
     assert [str(p.relative_to(root)) for p in root.rglob("*.py") if uses.search(p.read_text())] == ["cli.py"]

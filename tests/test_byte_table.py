@@ -1,4 +1,5 @@
 """ByteTable: truncation, padding, fingerprints, persistence and bad input."""
+
 import random
 
 import pytest
@@ -8,7 +9,7 @@ from kronecker_scale.embedding import ByteTable, utf8_safe_truncate
 from kronecker_scale.errors import KScaleError
 from kronecker_scale.tokenizer import load_tokenizer
 
-CHARS = ["a", "Z", " ", "é", "ß", "€", "中", "日", "🙂", "𝄞", "\n"]   # 1-, 2-, 3- and 4-byte code points
+CHARS = ["a", "Z", " ", "é", "ß", "€", "中", "日", "🙂", "𝄞", "\n"]  # 1-, 2-, 3- and 4-byte code points
 
 
 def test_truncation_never_splits_a_code_point_and_keeps_as_much_as_fits():
@@ -19,14 +20,14 @@ def test_truncation_never_splits_a_code_point_and_keeps_as_much_as_fits():
         limit = rng.randint(1, 40)
         cut = utf8_safe_truncate(b, limit)
         assert len(cut) <= limit and b.startswith(cut)
-        cut.decode("utf-8")                      # raises if a code point was split
-        if len(cut) < len(b):                    # maximal: the next whole character would not fit
-            next_char = b[len(cut):].decode("utf-8", errors="ignore")[:1].encode()
+        cut.decode("utf-8")  # raises if a code point was split
+        if len(cut) < len(b):  # maximal: the next whole character would not fit
+            next_char = b[len(cut) :].decode("utf-8", errors="ignore")[:1].encode()
             assert len(cut) + len(next_char) > limit
 
 
 def test_truncation_of_bytes_that_are_not_utf8_is_a_plain_cut():
-    b = bytes([0x80] * 10)                       # continuation bytes only: no code point to protect
+    b = bytes([0x80] * 10)  # continuation bytes only: no code point to protect
     assert utf8_safe_truncate(b, 4) == b[:4]
 
 
@@ -38,7 +39,7 @@ def test_from_token_bytes_layout_and_stats():
     assert t.token(3) == "é中".encode() and t.token(4) == b"x" * 8
     s = t.stats()
     assert s.truncated == 2 and s.empty == 1
-    assert s.colliding_ids == 2 and s.collision_groups == 1    # the two long x-runs collide once cut
+    assert s.colliding_ids == 2 and s.collision_groups == 1  # the two long x-runs collide once cut
     assert s.coverage == pytest.approx(4 / 6) and s.fits == pytest.approx(4 / 6)
     assert s.length_histogram == {0: 1, 1: 1, 5: 2, 8: 2}
 
@@ -62,6 +63,7 @@ def test_fingerprint_depends_on_content_and_settings():
 
 def test_from_arrays_accepts_numpy_and_tensors():
     import numpy as np
+
     t = ByteTable.from_arrays(np.array([[104, 105], [0, 0]]), np.array([2, 0]), pos_dim=2)
     assert t.token(0) == b"hi" and t.vocab_size == 2
     t2 = ByteTable.from_arrays(torch.tensor([[104, 105], [0, 0]], dtype=torch.uint8), torch.tensor([2, 0]), 2)
@@ -91,7 +93,7 @@ def test_fingerprint_mismatch_on_load_names_both(tmp_path):
 def test_damaged_or_missing_file_is_a_clear_error(tmp_path):
     path = ByteTable.from_token_bytes([b"abc", b"de"], pos_dim=4).save(tmp_path / "t.safetensors")
     raw = bytearray(path.read_bytes())
-    raw[-3] ^= 0xFF                               # flip a byte inside the table data
+    raw[-3] ^= 0xFF  # flip a byte inside the table data
     path.write_bytes(bytes(raw))
     with pytest.raises(KScaleError, match="damaged"):
         ByteTable.load(path)
@@ -114,13 +116,16 @@ def test_missing_tokenizer_file_names_file_and_formats(tmp_path):
     assert "nope.json" in str(e.value) and "tokenizer.json" in str(e.value) and "tiktoken" in str(e.value)
 
 
-@pytest.mark.parametrize("content,name", [
-    (b"\x00\x01garbage\xff\xfe" * 10, "tok.model"),
-    (b'{"model": ', "tokenizer.json"),
-    (b'{"something": "else"}', "tokenizer.json"),
-    (b"QUJD 0\nnot-base64!! x\n", "bad.tiktoken"),
-    (b"\x1f\x8b\x08\x00garbage", "bad.tiktoken.gz"),
-])
+@pytest.mark.parametrize(
+    "content,name",
+    [
+        (b"\x00\x01garbage\xff\xfe" * 10, "tok.model"),
+        (b'{"model": ', "tokenizer.json"),
+        (b'{"something": "else"}', "tokenizer.json"),
+        (b"QUJD 0\nnot-base64!! x\n", "bad.tiktoken"),
+        (b"\x1f\x8b\x08\x00garbage", "bad.tiktoken.gz"),
+    ],
+)
 def test_corrupt_tokenizer_files_are_clear_errors(tmp_path, content, name):
     path = tmp_path / name
     path.write_bytes(content)

@@ -1,4 +1,5 @@
 """The closed form (docs/design.md §2) against the materialised reference codec, in fp64."""
+
 import itertools
 import math
 
@@ -6,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kronecker_scale.embedding import (codec_dim, dense_codec, kronecker_embed_dense, kronecker_embed_torch,
-                                       scale_tables)
+from kronecker_scale.embedding import codec_dim, dense_codec, kronecker_embed_dense, kronecker_embed_torch, scale_tables
 from tests.conftest import random_bytes_and_lengths
 
 FLAGS = list(itertools.product([True, False], [True, False]))  # (length_normalize, z_normalize)
@@ -30,8 +30,9 @@ def test_closed_form_equals_dense_for_every_length(pos_dim, length_normalize, z_
     weight = torch.randn(codec_dim(pos_dim), 24, dtype=torch.float64)
     alpha, beta = scale_tables(pos_dim, length_normalize=length_normalize, z_normalize=z_normalize)
     fast = kronecker_embed_torch(table, lengths, weight, alpha, beta)
-    ref = kronecker_embed_dense(table, lengths, weight, length_normalize=length_normalize,
-                                z_normalize=z_normalize, eps=1e-6)
+    ref = kronecker_embed_dense(
+        table, lengths, weight, length_normalize=length_normalize, z_normalize=z_normalize, eps=1e-6
+    )
     scale = ref.abs().max()
     assert scale > 0
     assert (fast - ref).abs().max() <= 1e-9 * scale
@@ -52,15 +53,16 @@ def test_closed_form_gradient_equals_dense_gradient(length_normalize, z_normaliz
             alpha, beta = scale_tables(pos_dim, length_normalize=length_normalize, z_normalize=z_normalize)
             out = kronecker_embed_torch(table, lengths, w, alpha, beta)
         else:
-            out = kronecker_embed_dense(table, lengths, w, length_normalize=length_normalize,
-                                        z_normalize=z_normalize, eps=1e-6)
+            out = kronecker_embed_dense(
+                table, lengths, w, length_normalize=length_normalize, z_normalize=z_normalize, eps=1e-6
+            )
         (out * g).sum().backward()
         grads.append(w.grad)
     assert (grads[0] - grads[1]).abs().max() <= 1e-9 * grads[1].abs().max()
 
 
 def test_torch_path_gradcheck_fp64():
-    pos_dim = 2                                   # D = 512 keeps the numerical Jacobian small
+    pos_dim = 2  # D = 512 keeps the numerical Jacobian small
     table = torch.tensor([[1, 2], [255, 0], [7, 9], [0, 0]], dtype=torch.uint8)
     lengths = torch.tensor([2, 1, 2, 0])
     alpha, beta = scale_tables(pos_dim)
@@ -90,5 +92,5 @@ def test_bf16_is_within_bf16_tolerance_of_fp32():
     assert out16.dtype == torch.bfloat16
     # bf16 has 8 mantissa bits: weight rounding (2^-9 relative) plus the output rounding
     ref16 = kronecker_embed_torch(table, lengths, w16.double(), alpha, beta)
-    assert (out16.double() - ref16).abs().max() <= 2 ** -8 * ref16.abs().max()
-    assert (out16.float() - out32).abs().max() <= 2 ** -6 * out32.abs().max()
+    assert (out16.double() - ref16).abs().max() <= 2**-8 * ref16.abs().max()
+    assert (out16.float() - out32).abs().max() <= 2**-6 * out32.abs().max()

@@ -1,5 +1,6 @@
 """Checkpoint conversion on tiny checkpoints trained by real `kscale train` runs (GPT-2 vocabulary):
 Hugging Face export with logit parity, summary, extract, and an offline TP 1 -> 2 -> 1 reshard round trip."""
+
 import json
 import warnings
 
@@ -16,9 +17,10 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _export_and_compare(run, out, via_cli: bool):
-    from kronecker_scale.inference import load_checkpoint
     from kronecker_scale.convert.to_hf import export_to_hf, load_hf, parity
-    if via_cli:                         # the console command: export, then its own parity report
+    from kronecker_scale.inference import load_checkpoint
+
+    if via_cli:  # the console command: export, then its own parity report
         r = kscale("convert", "to-hf", run, out)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "same greedy continuation: True" in r.stdout
@@ -39,7 +41,7 @@ def test_export_to_hf_matches_our_logits(request, tmp_path, which):
     assert info["architecture"] == arch and type(hf).__name__ == arch
     assert hf.config.vocab_size == 50257 and info["padded_rows_dropped"] == ck.model.vocab_size - 50257 > 0
     assert p["positions"] == 32
-    assert p["max_kl"] <= 1e-6, p                       # fp32, every position of real text
+    assert p["max_kl"] <= 1e-6, p  # fp32, every position of real text
     assert p["top1_match"] == 1.0 and p["greedy_match"] and len(p["greedy_hf"]) == 20
     # the exported input table is the codec + projection materialised (or the BPE table), padded rows dropped
     table = hf.get_input_embeddings().weight.detach().double()
@@ -47,10 +49,11 @@ def test_export_to_hf_matches_our_logits(request, tmp_path, which):
     torch.testing.assert_close(table, ck.input_table(), rtol=1e-6, atol=1e-6)
     tied = hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
     assert tied == (which == "bpe")
-    if which == "llama_tp2":                            # kronecker_tied: lm_head = table / sqrt(d)
-        torch.testing.assert_close(hf.lm_head.weight.double(), ck.input_table() / 32 ** 0.5, rtol=1e-6, atol=1e-7)
+    if which == "llama_tp2":  # kronecker_tied: lm_head = table / sqrt(d)
+        torch.testing.assert_close(hf.lm_head.weight.double(), ck.input_table() / 32**0.5, rtol=1e-6, atol=1e-7)
     # the tokenizer files load with stock AutoTokenizer and tokenize like ours
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     text = "The capital of France is Paris."
     assert tok(text)["input_ids"] == ck.tokenizer.encode(text)
@@ -60,6 +63,7 @@ def test_export_to_hf_matches_our_logits(request, tmp_path, which):
 def test_export_refuses_architectures_transformers_lacks(tmp_path):
     from kronecker_scale.convert.to_hf import hf_architecture, split_qkv
     from kronecker_scale.model.config import GPTConfig
+
     assert hf_architecture(GPTConfig()) == "gpt2"
     assert hf_architecture(GPTConfig(position="rope", norm="rmsnorm", activation="swiglu")) == "llama"
     with pytest.raises(KScaleError, match="model.position=rope, model.norm=layernorm"):
@@ -75,6 +79,7 @@ def test_export_refuses_architectures_transformers_lacks(tmp_path):
 @pytest.mark.slow
 def test_to_hf_refuses_a_full_folder(gpt2_run, tmp_path):
     from kronecker_scale.convert.to_hf import export_to_hf
+
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(KScaleError, match="output folder is not empty"):
         export_to_hf(gpt2_run, tmp_path)
@@ -83,8 +88,9 @@ def test_to_hf_refuses_a_full_folder(gpt2_run, tmp_path):
 
 @pytest.mark.slow
 def test_summary_counts_match_the_model(gpt2_run, llama_tp2_run):
-    from kronecker_scale.inference import load_checkpoint
     from kronecker_scale.convert.summary import checkpoint_summary
+    from kronecker_scale.inference import load_checkpoint
+
     for run, arm, tp in [(gpt2_run, "kronecker", 1), (llama_tp2_run, "kronecker_tied", 2)]:
         s = checkpoint_summary(run)
         ck = load_checkpoint(run)
@@ -99,9 +105,9 @@ def test_summary_counts_match_the_model(gpt2_run, llama_tp2_run):
 
 @pytest.mark.slow
 def test_extract_gives_the_input_layer_alone(gpt2_run, bpe_run, tmp_path):
+    from kronecker_scale.convert.summary import extract_input_layer, load_extracted
     from kronecker_scale.inference import load_checkpoint
-    from kronecker_scale.convert.summary import load_extracted
-    from kronecker_scale.convert.summary import extract_input_layer
+
     extract_input_layer(gpt2_run, tmp_path / "input.safetensors")
     meta = json.loads((tmp_path / "input.json").read_text())
     assert meta["pos_dim"] == 16 and meta["d_model"] == 32 and meta["vocab_size"] == 50257
@@ -118,23 +124,24 @@ def test_extract_gives_the_input_layer_alone(gpt2_run, bpe_run, tmp_path):
 
 @pytest.mark.slow
 def test_reshard_round_trip_is_exact(gpt2_run, tmp_path):
-    from kronecker_scale.inference import load_checkpoint, read_tensors, tensor_shapes
     from kronecker_scale.convert.reshard import reshard
+    from kronecker_scale.inference import load_checkpoint, read_tensors, tensor_shapes
+
     original = gpt2_run / "checkpoints" / "step_00000020"
     tp2 = reshard(original, tmp_path / "tp2", tensor=2, pipeline=1)
     assert tp2 == tmp_path / "tp2" / "step_00000020"
-    assert sorted(p.name for p in tp2.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]   # two ranks wrote it
+    assert sorted(p.name for p in tp2.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # two ranks wrote it
     assert "tensor: 2" in (tp2 / "config.yaml").read_text()
     back = reshard(tp2, tmp_path / "tp1", tensor=1, pipeline=1)
     keys = sorted(tensor_shapes(original))
     assert any(k.startswith("optimizer.") for k in keys)
-    assert keys == sorted(tensor_shapes(back)) == sorted(tensor_shapes(tp2))     # model and optimizer
+    assert keys == sorted(tensor_shapes(back)) == sorted(tensor_shapes(tp2))  # model and optimizer
     a, b, mid = read_tensors(original, keys), read_tensors(back, keys), read_tensors(tp2, keys)
     for k in keys:
-        assert torch.equal(a[k], b[k]), k                                          # bit-exact round trip
+        assert torch.equal(a[k], b[k]), k  # bit-exact round trip
         if a[k].shape == mid[k].shape:
             assert torch.equal(a[k], mid[k]), k
-        else:      # vocabulary padded to 256 at TP=2: same real rows, zero padding beyond
+        else:  # vocabulary padded to 256 at TP=2: same real rows, zero padding beyond
             rows = a[k].shape[0]
             assert torch.equal(a[k][:rows], mid[k][:rows]) and not mid[k][rows:].any(), k
     states = [torch.load(p / "trainer_state.pt", weights_only=False) for p in (original, tp2, back)]

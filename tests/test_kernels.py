@@ -4,6 +4,7 @@ the codec, written out here from its definition (docs/design.md §2), forward an
 Without a GPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before the kernels
 are defined); shapes stay tiny because the interpreter costs ~10 ms per program instance.
 """
+
 import math
 
 import pytest
@@ -12,20 +13,20 @@ import torch
 from kronecker_scale.embedding import ByteTable, KroneckerEmbedding, codec_dim, scale_tables
 
 kernels = pytest.importorskip("kronecker_scale.kernels")
-HAS_CUDA = torch.cuda.is_available()       # without one, conftest chose the interpreter (TRITON_INTERPRET=1)
+HAS_CUDA = torch.cuda.is_available()  # without one, conftest chose the interpreter (TRITON_INTERPRET=1)
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # per-dtype tolerance relative to the output scale; the interpreter stores bf16 by truncation (1 ulp)
-TOL = {torch.float32: 2e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
+TOL = {torch.float32: 2e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 WORDS = "the quick brown fox jumps over the lazy dog , naïve café 日本語 🙂 running RUN".split()
 
 
 def make_table(pos_dim, n_random=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     tokens = [w.encode() for w in WORDS] + [b"", b"-" * 50]
-    for _ in range(n_random):                          # random byte strings cover all byte values
+    for _ in range(n_random):  # random byte strings cover all byte values
         n = int(torch.randint(0, pos_dim + 1, (1,), generator=g))
         tokens.append(bytes(torch.randint(0, 256, (n,), generator=g).tolist()))
-    return ByteTable.from_token_bytes(tokens, pos_dim=pos_dim).pad_to(8)   # padded rows: L = 0
+    return ByteTable.from_token_bytes(tokens, pos_dim=pos_dim).pad_to(8)  # padded rows: L = 0
 
 
 def reference_code(token_bytes, lengths, length_normalize=True, z_normalize=True, eps=1e-6):
@@ -38,7 +39,7 @@ def reference_code(token_bytes, lengths, length_normalize=True, z_normalize=True
         for p in range(L):
             x[t, int(token_bytes[t, p]) * P + p] += 1 / math.sqrt(L) if length_normalize else 1.0
     if z_normalize:
-        x = (x - x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + eps)   # torch.std: unbiased
+        x = (x - x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + eps)  # torch.std: unbiased
     return x
 
 
@@ -54,16 +55,23 @@ def reference(table, ids, weight64, grad64, **flags):
 def run_triton(table, ids, weight, grad, deterministic, **flags):
     alpha, beta = scale_tables(table.pos_dim, **flags)
     w = weight.detach().clone().requires_grad_(True)
-    out = kernels.kronecker_embedding_triton(ids, table.bytes.to(DEVICE), table.lengths.to(DEVICE), w,
-                                             alpha.to(DEVICE), beta.to(DEVICE), deterministic=deterministic)
+    out = kernels.kronecker_embedding_triton(
+        ids,
+        table.bytes.to(DEVICE),
+        table.lengths.to(DEVICE),
+        w,
+        alpha.to(DEVICE),
+        beta.to(DEVICE),
+        deterministic=deterministic,
+    )
     out.backward(grad)
     return out, w.grad
 
 
 def check(table, d, dtype, deterministic, n_tokens=37, **flags):
     g = torch.Generator().manual_seed(d)
-    ids = torch.randint(0, table.vocab_size, (n_tokens,), generator=g)       # 37: not a multiple of any block
-    ids[:3] = torch.tensor([WORDS.index("the"), len(WORDS), table.vocab_size - 1])   # L = 0 rows included
+    ids = torch.randint(0, table.vocab_size, (n_tokens,), generator=g)  # 37: not a multiple of any block
+    ids[:3] = torch.tensor([WORDS.index("the"), len(WORDS), table.vocab_size - 1])  # L = 0 rows included
     weight = (torch.randn(codec_dim(table.pos_dim), d, generator=g) / 64).to(dtype)
     grad = torch.randn(n_tokens, d, generator=g).to(dtype)
     out, dw = run_triton(table, ids.to(DEVICE), weight.to(DEVICE), grad.to(DEVICE), deterministic, **flags)
@@ -82,8 +90,9 @@ def test_forward_and_dw_fp32(d, pos_dim):
     check(make_table(pos_dim), d, torch.float32, deterministic=False)
 
 
-@pytest.mark.parametrize("flags", [dict(z_normalize=False), dict(length_normalize=False),
-                                   dict(length_normalize=False, z_normalize=False)])
+@pytest.mark.parametrize(
+    "flags", [dict(z_normalize=False), dict(length_normalize=False), dict(length_normalize=False, z_normalize=False)]
+)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_forward_and_dw_without_normalisations(flags, deterministic):
     check(make_table(16), 24, torch.float32, deterministic, **flags)
@@ -120,6 +129,7 @@ def test_deterministic_backward_is_bitwise_reproducible_and_correct(d, pos_dim):
 
 def test_torch_deterministic_algorithms_select_the_deterministic_backward(monkeypatch):
     import kronecker_scale.kernels.kronecker_embedding as kmod
+
     calls = []
     real = kmod._deterministic_dw
     monkeypatch.setattr(kmod, "_deterministic_dw", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -131,7 +141,7 @@ def test_torch_deterministic_algorithms_select_the_deterministic_backward(monkey
         assert calls == [1]
         torch.use_deterministic_algorithms(False)
         check(table, 8, torch.float32, deterministic=None, n_tokens=9)
-        assert calls == [1]                               # fast (atomic) path when the flag is off
+        assert calls == [1]  # fast (atomic) path when the flag is off
     finally:
         torch.use_deterministic_algorithms(before)
 
@@ -194,7 +204,7 @@ def test_rows_no_token_touches_get_exactly_the_beta_broadcast(deterministic, dty
             touched.add(int(table.bytes[t, p]) * 16 + p)
     untouched = torch.tensor(sorted(set(range(codec_dim(16))) - touched))
     rest = dw.cpu()[untouched]
-    assert torch.equal(rest, rest[:1].expand_as(rest))             # one broadcast vector, identical in every row
+    assert torch.equal(rest, rest[:1].expand_as(rest))  # one broadcast vector, identical in every row
     assert (rest[0].double() - b).abs().max() <= TOL[dtype] * b.abs().max()
     assert b.abs().max() > 0
     # without z-normalisation beta = 0: untouched rows are exactly zero
@@ -206,17 +216,26 @@ def run_into_main_grad(table, ids, weight, grad, deterministic, main_grad, megat
     alpha, beta = scale_tables(table.pos_dim)
     w = weight.detach().clone().requires_grad_(True)
     if megatron:
-        w.grad_added_to_main_grad = False                      # what megatron's DDP sets on its parameters
-    out = kernels.kronecker_embedding_triton(ids, table.bytes.to(DEVICE), table.lengths.to(DEVICE), w,
-                                             alpha.to(DEVICE), beta.to(DEVICE), deterministic=deterministic,
-                                             main_grad=main_grad)
+        w.grad_added_to_main_grad = False  # what megatron's DDP sets on its parameters
+    out = kernels.kronecker_embedding_triton(
+        ids,
+        table.bytes.to(DEVICE),
+        table.lengths.to(DEVICE),
+        w,
+        alpha.to(DEVICE),
+        beta.to(DEVICE),
+        deterministic=deterministic,
+        main_grad=main_grad,
+    )
     out.backward(grad)
     return w
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("dtype,grad_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                              (torch.float16, torch.float16)])
+@pytest.mark.parametrize(
+    "dtype,grad_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
+)
 def test_main_grad_accumulates_dw_and_leaves_no_weight_grad(deterministic, dtype, grad_dtype):
     table = make_table(16)
     g = torch.Generator().manual_seed(5)
@@ -224,7 +243,7 @@ def test_main_grad_accumulates_dw_and_leaves_no_weight_grad(deterministic, dtype
     ids = torch.randint(0, table.vocab_size, (n,), generator=g)
     weight = (torch.randn(codec_dim(16), d, generator=g) / 64).to(dtype)
     grad = torch.randn(n, d, generator=g).to(dtype)
-    start = torch.randn(codec_dim(16), d, generator=g).to(grad_dtype)    # gradients of earlier micro-batches
+    start = torch.randn(codec_dim(16), d, generator=g).to(grad_dtype)  # gradients of earlier micro-batches
     main_grad = start.clone().to(DEVICE)
     w = run_into_main_grad(table, ids.to(DEVICE), weight.to(DEVICE), grad.to(DEVICE), deterministic, main_grad)
     assert w.grad is None
@@ -234,8 +253,9 @@ def test_main_grad_accumulates_dw_and_leaves_no_weight_grad(deterministic, dtype
     assert (main_grad.cpu().double() - expected).abs().max() <= tol * expected.abs().max()
     # megatron's protocol: the parameter is marked and gets a dummy gradient, so DDP's hook fires and skips it
     main_grad2 = start.clone().to(DEVICE)
-    w2 = run_into_main_grad(table, ids.to(DEVICE), weight.to(DEVICE), grad.to(DEVICE), deterministic, main_grad2,
-                            megatron=True)
+    w2 = run_into_main_grad(
+        table, ids.to(DEVICE), weight.to(DEVICE), grad.to(DEVICE), deterministic, main_grad2, megatron=True
+    )
     assert w2.grad_added_to_main_grad is True and w2.grad is not None and w2.grad.shape == w2.shape
     if deterministic:
         assert torch.equal(main_grad, main_grad2)
@@ -244,7 +264,7 @@ def test_main_grad_accumulates_dw_and_leaves_no_weight_grad(deterministic, dtype
 def test_module_gradient_accumulation_fusion_adds_into_main_grad():
     table = make_table(16)
     emb = KroneckerEmbedding(table, 10, impl="triton", gradient_accumulation_fusion=True).to(DEVICE)
-    emb.weight.main_grad = torch.ones(codec_dim(16), 10, device=DEVICE)     # what megatron's DDP attaches
+    emb.weight.main_grad = torch.ones(codec_dim(16), 10, device=DEVICE)  # what megatron's DDP attaches
     ids = torch.randint(0, table.vocab_size, (7,), device=DEVICE)
     out = emb(ids)
     g = torch.randn_like(out)
@@ -259,17 +279,24 @@ def test_main_grad_must_match_the_weight():
     alpha, beta = scale_tables(16)
     w = torch.randn(codec_dim(16), 8, device=DEVICE, requires_grad=True)
     with pytest.raises(ValueError, match="main_grad"):
-        kernels.kronecker_embedding_triton(torch.zeros(2, dtype=torch.int64, device=DEVICE), table.bytes.to(DEVICE),
-                                           table.lengths.to(DEVICE), w, alpha, beta,
-                                           main_grad=torch.zeros(codec_dim(16), 9, device=DEVICE))
+        kernels.kronecker_embedding_triton(
+            torch.zeros(2, dtype=torch.int64, device=DEVICE),
+            table.bytes.to(DEVICE),
+            table.lengths.to(DEVICE),
+            w,
+            alpha,
+            beta,
+            main_grad=torch.zeros(codec_dim(16), 9, device=DEVICE),
+        )
 
 
 def test_deterministic_backward_gpu_order_is_correct_and_bitwise_reproducible(monkeypatch):
     # the order the compiled kernels use (one row at a time, DET_PAIRS pairs per step), run here too
     import kronecker_scale.kernels.kronecker_embedding as kmod
+
     monkeypatch.setattr(kmod, "DET_VECTOR_ROWS", False)
     monkeypatch.setattr(kmod, "DET_ROWS", 256)
-    monkeypatch.setattr(kmod, "DET_PAIRS", 4)                  # several steps per row at these sizes
+    monkeypatch.setattr(kmod, "DET_PAIRS", 4)  # several steps per row at these sizes
     table = make_table(4)
     _, dw1 = check(table, 20, torch.float32, deterministic=True, n_tokens=40)
     _, dw2 = check(table, 20, torch.float32, deterministic=True, n_tokens=40)
@@ -291,24 +318,31 @@ def test_offsets_past_2_31_elements_are_int64(deterministic):
     # starts 2^31 + 2^20 elements into the buffer. The wrapped address lands in a region filled with 7s.
     table = make_table(4)
     P, D, d, n = 4, codec_dim(4), 3, 3
-    S = 2 ** 30 + 16
-    start = 2 ** 32 + 2 ** 20
+    S = 2**30 + 16
+    start = 2**32 + 2**20
     buf = huge_virtual_buffer(start + 2 * S + 4096, torch.float16)
-    buf[:2 ** 20].fill_(7.0)
-    buf[2 ** 32: start].fill_(7.0)
+    buf[: 2**20].fill_(7.0)
+    buf[2**32 : start].fill_(7.0)
     view = buf[start:]
     g = torch.Generator().manual_seed(0)
     w_src = (torch.randn(D, d, generator=g) / 8).half()
     grad_src = torch.randn(n, d, generator=g).half()
-    weight = view.as_strided((D, d), (1, S))                               # column c at c * S
+    weight = view.as_strided((D, d), (1, S))  # column c at c * S
     weight.copy_(w_src.to(DEVICE))
     grad = view.as_strided((n, d), (S, 1), storage_offset=start + D + 64)  # token t at t * S (past W's column)
     grad.copy_(grad_src.to(DEVICE))
     ids = torch.tensor([WORDS.index("the"), WORDS.index("fox"), 0], device=DEVICE)
     alpha, beta = scale_tables(P)
     w = weight.detach().requires_grad_(True)
-    out = kernels.kronecker_embedding_triton(ids, table.bytes.to(DEVICE), table.lengths.to(DEVICE), w,
-                                             alpha.to(DEVICE), beta.to(DEVICE), deterministic=deterministic)
+    out = kernels.kronecker_embedding_triton(
+        ids,
+        table.bytes.to(DEVICE),
+        table.lengths.to(DEVICE),
+        w,
+        alpha.to(DEVICE),
+        beta.to(DEVICE),
+        deterministic=deterministic,
+    )
     out.backward(grad)
     ref_out, ref_dw = reference(table, ids.cpu(), w_src.double(), grad_src.double())
     assert (out.cpu().double() - ref_out).abs().max() <= TOL[torch.float16] * ref_out.abs().max()
@@ -317,8 +351,11 @@ def test_offsets_past_2_31_elements_are_int64(deterministic):
 
 def test_autotuning_is_pruned_to_a_few_configs_per_shape():
     import triton
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w) for bn, bd, w in
-               kernels.kronecker_embedding.FORWARD_CONFIGS]
+
+    configs = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w)
+        for bn, bd, w in kernels.kronecker_embedding.FORWARD_CONFIGS
+    ]
     prune = kernels.kronecker_embedding.prune_configs
     assert len(configs) <= 6 and prune(configs, {"d": 4096}) == configs
     assert {c.kwargs["BLOCK_D"] for c in prune(configs, {"d": 64})} == {64}
@@ -330,7 +367,7 @@ def test_colsum_is_computed_once_per_optimizer_step_not_per_micro_batch():
     kmod = kernels.kronecker_embedding
     table = make_table(16)
     emb = KroneckerEmbedding(table, 12, impl="triton").to(DEVICE)
-    opt = torch.optim.AdamW(emb.parameters(), lr=0.1, fused=True)     # fused: writes W without bumping _version
+    opt = torch.optim.AdamW(emb.parameters(), lr=0.1, fused=True)  # fused: writes W without bumping _version
     ids = torch.randint(0, table.vocab_size, (4, 5), device=DEVICE)
     stats = kmod.colsum_stats
 
@@ -343,24 +380,25 @@ def test_colsum_is_computed_once_per_optimizer_step_not_per_micro_batch():
         return stats["computed"] - before["computed"], stats["reused"] - before["reused"]
 
     assert micro_batch() == (1, 0)
-    assert micro_batch() == (0, 1) and micro_batch() == (0, 1)    # gradient accumulation: S reused
+    assert micro_batch() == (0, 1) and micro_batch() == (0, 1)  # gradient accumulation: S reused
     version = emb.weight._version
     opt.step()
-    assert emb.weight._version == version                        # only the step hook can tell W changed
-    assert micro_batch() == (1, 0)                               # and S follows the new W
+    assert emb.weight._version == version  # only the step hook can tell W changed
+    assert micro_batch() == (1, 0)  # and S follows the new W
     assert micro_batch() == (0, 1)
     with torch.no_grad():
-        emb.weight.mul_(2.0)                                     # an in-place write outside the optimizer
+        emb.weight.mul_(2.0)  # an in-place write outside the optimizer
     assert micro_batch() == (1, 0)
     kmod.clear_colsum_cache()
     assert micro_batch() == (1, 0)
     emb.weight.grad = None
-    with torch.no_grad():                                        # cache_colsum=False never reuses
+    with torch.no_grad():  # cache_colsum=False never reuses
         alpha, beta = scale_tables(16)
         flat = ids.reshape(-1)
         before = stats["reused"]
-        kernels.kronecker_embedding_triton(flat, emb.token_bytes, emb.token_lengths, emb.weight, alpha, beta,
-                                           cache_colsum=False)
+        kernels.kronecker_embedding_triton(
+            flat, emb.token_bytes, emb.token_lengths, emb.weight, alpha, beta, cache_colsum=False
+        )
         assert stats["reused"] == before
 
 
@@ -375,7 +413,7 @@ def test_backward_makes_no_host_synchronisation(deterministic):
     alpha, beta = alpha.cuda(), beta.cuda()
     grad = torch.randn(300, 256, device="cuda")
     kernels.kronecker_embedding_triton(ids, tb, tl_, w, alpha, beta, deterministic=deterministic).backward(grad)
-    torch.cuda.synchronize()                                     # autotuning (which syncs) is done
+    torch.cuda.synchronize()  # autotuning (which syncs) is done
     torch.cuda.set_sync_debug_mode("error")
     try:
         kernels.kronecker_embedding_triton(ids, tb, tl_, w, alpha, beta, deterministic=deterministic).backward(grad)

@@ -1,4 +1,5 @@
 """KroneckerEmbedding: nn.Embedding's contract, implementations agree, state dict, bad ids."""
+
 import math
 import sys
 
@@ -34,7 +35,7 @@ def test_torch_and_dense_implementations_agree(flags):
     a, b = make("torch", **flags), make("dense", **flags)
     b.load_state_dict(a.state_dict())
     assert torch.allclose(a(ids), b(ids), rtol=0, atol=1e-10)
-    assert a.resolved_impl() == "torch" and make("auto").resolved_impl() == "torch"   # no CUDA here
+    assert a.resolved_impl() == "torch" and make("auto").resolved_impl() == "torch"  # no CUDA here
 
 
 def test_equal_to_the_reference_codec_times_the_projection():
@@ -42,7 +43,7 @@ def test_equal_to_the_reference_codec_times_the_projection():
     ids = torch.arange(12)
     x = dense_codec(emb.token_bytes[ids], emb.token_lengths[ids], dtype=torch.float64)
     assert torch.allclose(emb(ids), x @ emb.weight, atol=1e-10)
-    assert torch.all(emb(torch.tensor([0, 9, 10, 11])) == 0)      # empty and padded ids embed to zero
+    assert torch.all(emb(torch.tensor([0, 9, 10, 11])) == 0)  # empty and padded ids embed to zero
 
 
 @pytest.mark.parametrize("bad", [12, 50_000, -1])
@@ -71,7 +72,7 @@ def test_byte_override_gives_any_string_an_embedding():
     out = emb.forward_with_byte_override(ids, {(0, 0): oov})
     cut = oov[:16].decode("utf-8", errors="ignore").encode()
     row = torch.zeros(1, 16, dtype=torch.uint8)
-    row[0, :len(cut)] = torch.tensor(list(cut), dtype=torch.uint8)
+    row[0, : len(cut)] = torch.tensor(list(cut), dtype=torch.uint8)
     ref = dense_codec(row, torch.tensor([len(cut)]), dtype=torch.float64) @ emb.weight
     assert torch.allclose(out[0, 0], ref[0], atol=1e-10)
     with pytest.raises(KScaleError, match="outside ids"):
@@ -92,7 +93,7 @@ def test_state_dict_round_trip_and_fingerprint_check():
     with pytest.raises(KScaleError) as e:
         c.load_state_dict(sd)
     assert a.byte_table_fingerprint in str(e.value) and c.byte_table_fingerprint in str(e.value)
-    assert torch.equal(c.weight, before[0]) and torch.equal(c.token_bytes, before[1])   # nothing overwritten
+    assert torch.equal(c.weight, before[0]) and torch.equal(c.token_bytes, before[1])  # nothing overwritten
 
 
 def test_bf16_weight_matches_fp32_within_bf16_tolerance():
@@ -103,7 +104,7 @@ def test_bf16_weight_matches_fp32_within_bf16_tolerance():
     emb16.weight.data.copy_(emb.weight.data)
     out = emb16(ids)
     assert out.dtype == torch.bfloat16
-    assert (out.float() - ref).abs().max() <= 2 ** -6 * ref.abs().max()
+    assert (out.float() - ref).abs().max() <= 2**-6 * ref.abs().max()
     out.float().sum().backward()
     assert emb16.weight.grad.dtype == torch.bfloat16
 
@@ -115,16 +116,17 @@ def test_unknown_impl_is_rejected():
 
 def test_triton_asked_for_and_unusable_is_an_error_not_a_fallback(monkeypatch):
     emb = make("triton")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)         # a CPU tensor and no interpreter
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU tensor and no interpreter
     with pytest.raises(KScaleError, match="need a CUDA device"):
         emb(torch.tensor([1, 2]))
-    monkeypatch.setitem(sys.modules, "kronecker_scale.kernels", None)   # a broken Triton install
+    monkeypatch.setitem(sys.modules, "kronecker_scale.kernels", None)  # a broken Triton install
     with pytest.raises(KScaleError, match="do not import"):
         emb.resolved_impl()
 
 
 def test_auto_says_once_which_implementation_it_chose(capsys, monkeypatch):
     from kronecker_scale.embedding import kronecker_embedding as module
+
     monkeypatch.setattr(module, "_announced", set())
     emb = make("auto")
     emb(torch.tensor([1, 2]))

@@ -4,6 +4,7 @@ Every multi-rank test spawns real processes (torch.multiprocessing.spawn, gloo, 
 in tmp_path). Workers live at module level so spawn can import them; each writes its results to
 tmp_path with torch.save and the parent asserts on them.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,7 @@ import torch.multiprocessing as mp
 
 from kronecker_scale.model import megatron_cpu
 
-pytestmark = pytest.mark.slow          # spawned gloo processes; the in-process test imports megatron (~6 s)
+pytestmark = pytest.mark.slow  # spawned gloo processes; the in-process test imports megatron (~6 s)
 
 SEED = 1234
 VOCAB, SEQ, HIDDEN, HEADS, LAYERS = 64, 16, 32, 4, 2
@@ -64,16 +65,25 @@ def _gpt(tp: int, pp: int):
     from megatron.core.transformer import TransformerConfig
 
     config = TransformerConfig(
-        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
-        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        num_layers=LAYERS,
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
         # batch_p2p_comm stays on (gloo runs batch_isend_irecv); batch_p2p_sync=False drops the
         # torch.cuda.synchronize() megatron adds after it (p2p_communication.py:419)
-        pipeline_dtype=torch.float32, batch_p2p_sync=False,
+        pipeline_dtype=torch.float32,
+        batch_p2p_sync=False,
     )
     return GPTModel(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
-        max_sequence_length=SEQ, pre_process=parallel_state.is_pipeline_first_stage(),
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
 
@@ -136,9 +146,20 @@ def _rng_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.manual_seed(SEED)
     plain_before = torch.rand(8)
     plain_after = torch.rand(8)
-    _save(out_dir, "rng", rank, dict(fork_1=fork_1, fork_2=fork_2, outside=outside,
-                                     outside_before=outside_before, outside_after=outside_after,
-                                     plain_before=plain_before, plain_after=plain_after))
+    _save(
+        out_dir,
+        "rng",
+        rank,
+        dict(
+            fork_1=fork_1,
+            fork_2=fork_2,
+            outside=outside,
+            outside_before=outside_before,
+            outside_after=outside_after,
+            plain_before=plain_before,
+            plain_after=plain_after,
+        ),
+    )
     _teardown()
 
 
@@ -147,7 +168,9 @@ def _train_worker(rank: int, world: int, init_file: str, out_dir: str, tp: int, 
     _setup(rank, world, init_file, tp=tp)
     from megatron.core import parallel_state
     from megatron.core.distributed import (
-        DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
     )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -174,8 +197,12 @@ def _train_worker(rank: int, world: int, init_file: str, out_dir: str, tp: int, 
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         store = forward_backward(
-            forward_step_func=_forward_step, data_iterator=iter(_microbatches(local, micro_batch_size)),
-            model=[ddp], num_microbatches=2, seq_length=SEQ, micro_batch_size=micro_batch_size,
+            forward_step_func=_forward_step,
+            data_iterator=iter(_microbatches(local, micro_batch_size)),
+            model=[ddp],
+            num_microbatches=2,
+            seq_length=SEQ,
+            micro_batch_size=micro_batch_size,
             forward_only=False,
         )
         if step == 0:
@@ -211,11 +238,17 @@ def _pp_worker(rank: int, world: int, init_file: str, out_dir: str, reference_fi
         return name
 
     state = model.state_dict()
-    model.load_state_dict({k: reference["initial"][global_name(k)] if isinstance(v, torch.Tensor) else v
-                           for k, v in state.items()})
+    model.load_state_dict(
+        {k: reference["initial"][global_name(k)] if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    )
     store = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iter(_microbatches(_batch(), 2)), model=[model],
-        num_microbatches=2, seq_length=SEQ, micro_batch_size=2, forward_only=False,
+        forward_step_func=_forward_step,
+        data_iterator=iter(_microbatches(_batch(), 2)),
+        model=[model],
+        num_microbatches=2,
+        seq_length=SEQ,
+        micro_batch_size=2,
+        forward_only=False,
     )
     loss = _global_loss(store) if parallel_state.is_pipeline_last_stage() else None
     grads = {global_name(n): p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -239,8 +272,16 @@ def _checkpoint_worker(rank: int, world: int, init_file: str, out_dir: str, ckpt
     differed_before = {n: not torch.equal(p, saved[n]) for n, p in fresh.named_parameters()}
     fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), ckpt_dir))
     equal_after = {n: torch.equal(p, saved[n]) for n, p in fresh.named_parameters()}
-    _save(out_dir, "ckpt", rank, dict(differed_before=differed_before, equal_after=equal_after,
-                                      shard_sum=sum(float(p.sum()) for p in saved.values())))
+    _save(
+        out_dir,
+        "ckpt",
+        rank,
+        dict(
+            differed_before=differed_before,
+            equal_after=equal_after,
+            shard_sum=sum(float(p.sum()) for p in saved.values()),
+        ),
+    )
     _teardown()
 
 
@@ -345,9 +386,20 @@ def test_dist_checkpoint_round_trip_tp2(tmp_path):
 def test_enable_disable_in_process():
     from torch.overrides import _get_current_function_mode_stack
 
-    originals = {n: getattr(torch.cuda, n) for n in (
-        "get_rng_state", "set_rng_state", "manual_seed", "current_device", "current_stream",
-        "Stream", "Event", "stream", "synchronize")}
+    originals = {
+        n: getattr(torch.cuda, n)
+        for n in (
+            "get_rng_state",
+            "set_rng_state",
+            "manual_seed",
+            "current_device",
+            "current_stream",
+            "Stream",
+            "Event",
+            "stream",
+            "synchronize",
+        )
+    }
     random_get = torch.cuda.random.get_rng_state
     type_before = torch.Tensor.type
     assert not megatron_cpu.is_enabled()

@@ -10,15 +10,16 @@ import torch.multiprocessing as mp
 
 from tests import megatron_harness as H
 
-pytestmark = pytest.mark.slow          # every test spawns gloo processes (the reference too)
+pytestmark = pytest.mark.slow  # every test spawns gloo processes (the reference too)
 
 ARMS = {
     "kron_untied": dict(input_layer="kronecker", head="untied", pos_dim=16),
     "kron_ktied": dict(input_layer="kronecker", head="kronecker_tied", pos_dim=16),
     "bpe_tied": dict(input_layer="bpe", head="tied"),
     "bpe_untied": dict(input_layer="bpe", head="untied"),
-    "kron_rope_rms_swiglu": dict(input_layer="kronecker", head="untied", pos_dim=16, position="rope",
-                                 norm="rmsnorm", activation="swiglu"),
+    "kron_rope_rms_swiglu": dict(
+        input_layer="kronecker", head="untied", pos_dim=16, position="rope", norm="rmsnorm", activation="swiglu"
+    ),
 }
 KRON_ARMS = [a for a in ARMS if a.startswith("kron")]
 
@@ -26,8 +27,13 @@ KRON_ARMS = [a for a in ARMS if a.startswith("kron")]
 def spawn(tmp_path, world, cases, ref_file=None, tag="run"):
     out = tmp_path / tag
     out.mkdir()
-    mp.start_processes(H.worker, args=(world, str(out / "init"), cases, str(out), ref_file), nprocs=world,
-                       join=True, start_method="spawn")
+    mp.start_processes(
+        H.worker,
+        args=(world, str(out / "init"), cases, str(out), ref_file),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
     return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 
@@ -62,7 +68,7 @@ def test_reference_trains(reference):
     for name, r in res.items():
         assert len(r["losses"]) == 3 and r["losses"][-1] < r["losses"][0], (name, r["losses"])
         assert all(torch.isfinite(g).all() for g in r["grads"].values())
-    for arm in ("bpe_tied", "bpe_untied"):          # padded ids (145 real, padded to 256) embed to zero
+    for arm in ("bpe_tied", "bpe_untied"):  # padded ids (145 real, padded to 256) embed to zero
         table = res[arm]["state"]["embedding.word_embeddings.weight"]
         assert torch.all(table[145:] == 0) and table[:145].abs().sum() > 0
 
@@ -74,8 +80,12 @@ def test_tp2_with_and_without_sequence_parallel_equals_tp1(reference, tmp_path, 
     ref, ref_file = reference
     tag = "sp" if sp else "tp2"
     cases = {f"{n}/{tag}": {"model": m, "tp": 2, "sp": sp, "ref": n} for n, m in ARMS.items()}
-    cases.update({f"{n}/{tag}-replicated": {"model": {**ARMS[n], "kronecker_tp": "replicated"}, "tp": 2, "sp": sp,
-                                            "ref": n} for n in KRON_ARMS})
+    cases.update(
+        {
+            f"{n}/{tag}-replicated": {"model": {**ARMS[n], "kronecker_tp": "replicated"}, "tp": 2, "sp": sp, "ref": n}
+            for n in KRON_ARMS
+        }
+    )
     results = spawn(tmp_path, 2, cases, ref_file)
     for case, res in results[0].items():
         compare(res, ref[case.split("/")[0]], case)
@@ -93,20 +103,36 @@ def test_pp2_equals_pp1_over_three_steps(reference, tmp_path):
         assert last[case]["losses"] == pytest.approx(ref[name]["losses"], rel=1e-5)
         merged = {**first[case]["grads"], **last[case]["grads"]}
         compare({"losses": last[case]["losses"], "grads": merged}, ref[name], case, logits=False, steps=3)
-        if name != "kron_untied":   # tied: the last stage's copy got the same (all-reduced) gradient
-            assert_same(last[case]["grads"]["output_layer.weight"],
-                        first[case]["grads"]["embedding.word_embeddings.weight"], f"{case} tied copy")
+        if name != "kron_untied":  # tied: the last stage's copy got the same (all-reduced) gradient
+            assert_same(
+                last[case]["grads"]["output_layer.weight"],
+                first[case]["grads"]["embedding.word_embeddings.weight"],
+                f"{case} tied copy",
+            )
 
 
 def test_parameter_counts_match_the_accounting(reference):
     from kronecker_scale.model.accounting import GPTShape, model_params
+
     res, _ = reference
-    arm_of = {"kron_untied": "kronecker", "kron_ktied": "kronecker_tied", "bpe_tied": "bpe_tied",
-              "bpe_untied": "bpe_untied", "kron_rope_rms_swiglu": "kronecker"}
+    arm_of = {
+        "kron_untied": "kronecker",
+        "kron_ktied": "kronecker_tied",
+        "bpe_tied": "bpe_tied",
+        "bpe_untied": "bpe_untied",
+        "kron_rope_rms_swiglu": "kronecker",
+    }
     for name, m in ARMS.items():
-        shape = GPTShape(vocab_size=256, d_model=64, n_layers=2, seq_len=64, n_heads=4,    # 145 ids padded to 128 x 2
-                         position=m.get("position", "learned_absolute"), norm=m.get("norm", "layernorm"),
-                         activation=m.get("activation", "gelu"))
+        shape = GPTShape(
+            vocab_size=256,
+            d_model=64,
+            n_layers=2,
+            seq_len=64,
+            n_heads=4,  # 145 ids padded to 128 x 2
+            position=m.get("position", "learned_absolute"),
+            norm=m.get("norm", "layernorm"),
+            activation=m.get("activation", "gelu"),
+        )
         assert res[name]["n_params"] == model_params(shape, arm_of[name], 16)["total"], name
 
 
@@ -117,12 +143,16 @@ def test_checkpoint_round_trip_across_tp_change(reference, tmp_path):
     ckpt.mkdir()
     arms = ["kron_untied", "kron_ktied", "bpe_tied"]
     for n in arms:
-        (ckpt / n).mkdir()                                   # dist_checkpointing.save wants it to exist
+        (ckpt / n).mkdir()  # dist_checkpointing.save wants it to exist
     save = {f"{n}/save": {"model": ARMS[n], "tp": 2, "steps": 0, "ref": n, "save_ckpt": str(ckpt / n)} for n in arms}
     saved = spawn(tmp_path, 2, save, ref_file, tag="save")[0]
     load = {f"{n}/load": {"model": ARMS[n], "tp": 1, "steps": 0, "load_ckpt": str(ckpt / n)} for n in arms}
-    load["kron_untied/load-replicated"] = {"model": {**ARMS["kron_untied"], "kronecker_tp": "replicated"}, "tp": 1,
-                                           "steps": 0, "load_ckpt": str(ckpt / "kron_untied")}
+    load["kron_untied/load-replicated"] = {
+        "model": {**ARMS["kron_untied"], "kronecker_tp": "replicated"},
+        "tp": 1,
+        "steps": 0,
+        "load_ckpt": str(ckpt / "kron_untied"),
+    }
     (loaded,) = spawn(tmp_path, 1, load, tag="load")
     for case, res in loaded.items():
         name = case.split("/")[0]
@@ -131,7 +161,7 @@ def test_checkpoint_round_trip_across_tp_change(reference, tmp_path):
         for key, t in res["full_state"].items():
             assert torch.equal(t, before[key]), f"{case}: {key} changed across save(TP=2) -> load(TP=1)"
             assert torch.equal(t, ref[name]["state"][key]), f"{case}: {key} differs from the reference weights"
-        if name.startswith("kron"):          # the byte table travels in the checkpoint
+        if name.startswith("kron"):  # the byte table travels in the checkpoint
             table = H.byte_table().pad_to(128)
             assert torch.equal(res["buffers"]["embedding.word_embeddings.token_bytes"], table.bytes)
 
@@ -140,8 +170,9 @@ def test_checkpoint_round_trip_across_tp_change(reference, tmp_path):
 def test_both_tp_layouts_of_the_input_layer_equal_the_single_device_embedding(tmp_path):
     out = tmp_path / "emb"
     out.mkdir()
-    mp.start_processes(H.embedding_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        H.embedding_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True, start_method="spawn"
+    )
     for rank in range(2):
         res = torch.load(out / f"rank{rank}.pt")
         cases = [k for k in res if "/" in k]

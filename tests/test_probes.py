@@ -1,5 +1,6 @@
 """The paper's probes on a tiny trained checkpoint (real `kscale train`, GPT-2 vocabulary): well-formed
 JSON/markdown/PNG, and the numbers they must give on constructed cases."""
+
 import json
 import warnings
 
@@ -18,11 +19,13 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def ck(gpt2_run):
     from kronecker_scale.inference import load_checkpoint
+
     return load_checkpoint(gpt2_run)
 
 
 def hf_model(folder):
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
 
 
@@ -48,12 +51,13 @@ def _osa(a, b):
 
 def test_shipped_pairs_follow_the_protocol():
     from kronecker_scale.probes.typos import default_pairs, read_pairs
+
     pairs = read_pairs(default_pairs())
     cats = {"geography", "math", "time", "colors", "idiom", "body", "animals", "counting", "syntax", "misc", "people"}
     assert len(pairs) >= 110 and {p["category"] for p in pairs} == cats
     assert all(sum(p["category"] == c for p in pairs) >= 10 for c in cats)
     assert sum(p["source"].startswith("codespell") for p in pairs) > 40
-    for p in pairs:                              # one content word changed by 1-2 characters, the rest equal
+    for p in pairs:  # one content word changed by 1-2 characters, the rest equal
         clean, typo = p["clean"].split(), p["typo"].split()
         diff = [(a.strip(".,"), b.strip(".,")) for a, b in zip(clean, typo) if a != b]
         assert len(clean) == len(typo) and len(diff) == 1 and diff[0] == (p["word"], p["typo_word"]), p
@@ -63,9 +67,10 @@ def test_shipped_pairs_follow_the_protocol():
 @pytest.mark.slow
 def test_typos_constructed_cases(gpt2_hf, ck, tmp_path):
     from kronecker_scale.probes.typos import default_pairs, read_pairs, run_typos, score_pair
+
     pairs = read_pairs(default_pairs())
     same = [{"category": p["category"], "clean": p["clean"], "typo": p["clean"]} for p in pairs[::10]]
-    res = run_typos(same, [ck, ck])                        # typo == clean, and two identical checkpoints
+    res = run_typos(same, [ck, ck])  # typo == clean, and two identical checkpoints
     a, b = (res["results"][m] for m in res["models"])
     assert res["models"] == ["gpt2@40#1", "gpt2@40#2"]
     assert a["overall"]["top1_rate"] == 1.0 and a["overall"]["mean_kl"] == 0.0
@@ -74,14 +79,14 @@ def test_typos_constructed_cases(gpt2_hf, ck, tmp_path):
     # real pairs through the CLI: two checkpoints side by side, JSON + markdown + PNG
     f = tmp_path / "pairs.jsonl"
     f.write_text("".join(json.dumps(p) + "\n" for p in pairs[::6]))
-    r = kscale("probe", "typos", "--pairs", f, ck.path, ck.path.parent / "step_00000020",
-               "--out", tmp_path / "out")
+    r = kscale("probe", "typos", "--pairs", f, ck.path, ck.path.parent / "step_00000020", "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads((tmp_path / "out" / "typos.json").read_text())
     assert out["models"] == ["gpt2@40", "gpt2@20"]
     assert set(out["results"]["gpt2@40"]["by_category"]) == {p["category"] for p in pairs[::6]}
     assert (tmp_path / "out" / "typos.png").stat().st_size > 1000 and "| gpt2@40 |" in (
-        tmp_path / "out" / "typos.md").read_text()
+        tmp_path / "out" / "typos.md"
+    ).read_text()
     # each metric against the exported transformers model, computed independently
     hf = hf_model(gpt2_hf)
     for p in pairs[:3]:
@@ -98,6 +103,7 @@ def test_typos_constructed_cases(gpt2_hf, ck, tmp_path):
 
 def test_bad_pairs_files_are_named(tmp_path):
     from kronecker_scale.probes.typos import read_pairs
+
     f = tmp_path / "p.jsonl"
     f.write_text('{"category": "x", "clean": "a"}\n')
     with pytest.raises(KScaleError, match="typo") as e:
@@ -106,9 +112,10 @@ def test_bad_pairs_files_are_named(tmp_path):
 
 
 def test_codec_geometry_closed_form_and_known_neighbours():
-    from kronecker_scale.embedding.codec import dense_codec
     from kronecker_scale.embedding import ByteTable
+    from kronecker_scale.embedding.codec import dense_codec
     from kronecker_scale.probes.geometry import CodecSpace, canonical, neighbours
+
     vocab = [b"run", b"runs", b" run", b"Run", b"running", b"ran", b"xyz", b"runner", b"rune", b"r"]
     space = CodecSpace(vocab, lambda s: [vocab.index(s.encode())], pos_dim=8)
     table = ByteTable.from_token_bytes(vocab, 8)
@@ -117,7 +124,7 @@ def test_codec_geometry_closed_form_and_known_neighbours():
     nb = neighbours(space, "run", 3)
     # 'rune' and 'runs' share 3 positioned bytes with 'run' at length 4; ' run' (shifted) shares none
     got = [n["token"] for n in nb["neighbours"]]
-    assert set(got[:2]) == {"rune", "runs"} and got[2] == "runner"          # the first two tie exactly
+    assert set(got[:2]) == {"rune", "runs"} and got[2] == "runner"  # the first two tie exactly
     assert nb["neighbours"][0]["cosine"] == pytest.approx(nb["neighbours"][1]["cosine"], abs=1e-12)
     assert space.cosines("run")[vocab.index(b" run")] < 0 and nb["morphological_at_k"] == 1.0
     assert canonical("\u0120Run.") == canonical(" run") == "run"
@@ -128,6 +135,7 @@ def test_geometry_on_checkpoint_and_its_export(gpt2_run, gpt2_hf, ck, tmp_path):
     import statistics
 
     from kronecker_scale.probes.geometry import canonical, geometry_probe
+
     geometry_probe([gpt2_run, gpt2_hf], tmp_path, pos_dim=16)
     res = json.loads((tmp_path / "geometry.json").read_text())
     assert res["spaces"] == ["gpt2@40", gpt2_hf.name, "codec(P=16)", "random"]
@@ -145,7 +153,7 @@ def test_geometry_on_checkpoint_and_its_export(gpt2_run, gpt2_hf, ck, tmp_path):
             single += 1
             assert [n["id"] for n in a["neighbours"]] == [n["id"] for n in b["neighbours"]], a["probe"]
             cos = table @ table[ids[0]]
-            cos[[i for i, t in enumerate(exact) if t == a["probe"].encode()]] = -float("inf")   # the probe itself
+            cos[[i for i, t in enumerate(exact) if t == a["probe"].encode()]] = -float("inf")  # the probe itself
             fifth = float(torch.topk(cos, 5).values[-1])
             got = [n["id"] for n in a["neighbours"]]
             assert [n["cosine"] for n in a["neighbours"]] == pytest.approx(cos[got].tolist(), abs=1e-9), a["probe"]
@@ -156,20 +164,23 @@ def test_geometry_on_checkpoint_and_its_export(gpt2_run, gpt2_hf, ck, tmp_path):
         rows = [row for rs in res["results"][space]["families"].values() for row in rs]
         for row in rows:
             assert len(row["neighbours"]) == 5
-            assert all(n["token"].encode() != row["probe"].encode() for n in row["neighbours"])   # self excluded
+            assert all(n["token"].encode() != row["probe"].encode() for n in row["neighbours"])  # self excluded
             other = sum(canonical(n["token"]) != canonical(row["probe"]) for n in row["neighbours"])
             assert row["morphological_at_k"] == other / 5 and row["typographic_at_k"] == 1 - other / 5, row
             assert [n["class"] for n in row["neighbours"]] == [
                 "morphological" if canonical(n["token"]) != canonical(row["probe"]) else "typographic"
-                for n in row["neighbours"]]
+                for n in row["neighbours"]
+            ]
         assert res["results"][space]["morphological_at_k"] == pytest.approx(
-            statistics.fmean(row["morphological_at_k"] for row in rows), abs=1e-12)
+            statistics.fmean(row["morphological_at_k"] for row in rows), abs=1e-12
+        )
     assert (tmp_path / "geometry.png").is_file() and "morphological@5" in (tmp_path / "geometry.md").read_text()
 
 
 @pytest.mark.slow
 def test_echo_report_and_override_consistency(ck, gpt2_hf, tmp_path):
     from kronecker_scale.probes.echo import TEMPLATE, _prompt_ids, echo_probe
+
     res = echo_probe([ck.path], tmp_path, new_tokens=4)
     recs = res["results"]["gpt2@40"]["records"]
     assert {r["kind"] for r in recs} == {"normal", "typo", "forced_oov"} and len(recs) == 24
@@ -196,8 +207,9 @@ def test_echo_report_and_override_consistency(ck, gpt2_hf, tmp_path):
     assert len(ck.tokenizer.encode(word)) == 1
     plain, _ = _prompt_ids(ck, word, forced=False)
     forced, ov = _prompt_ids(ck, word, forced=True)
-    torch.testing.assert_close(ck.forward(torch.tensor(plain))[0], ck.forward(torch.tensor(forced), ov)[0],
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        ck.forward(torch.tensor(plain))[0], ck.forward(torch.tensor(forced), ov)[0], rtol=0, atol=1e-5
+    )
     assert ck.greedy(plain, 4) == ck.greedy(forced, 4, ov)
 
 
@@ -205,11 +217,13 @@ def test_echo_report_and_override_consistency(ck, gpt2_hf, tmp_path):
 def test_norm_drift_equals_direct_norms_and_the_trainer_log(gpt2_run, tmp_path):
     from kronecker_scale.inference import load_checkpoint, read_tensors
     from kronecker_scale.probes.norm_drift import norm_drift_probe
+
     norm_drift_probe([gpt2_run], tmp_path)
     rows = json.loads((tmp_path / "norm_drift.json").read_text())["results"]["gpt2"]
     assert [x["step"] for x in rows] == [20, 40] and rows[0]["embedding_rms_drift"] == 1.0
-    logged = {x["step"]: x for x in map(json.loads, (gpt2_run / "metrics.jsonl").read_text().splitlines())
-              if "loss" in x}
+    logged = {
+        x["step"]: x for x in map(json.loads, (gpt2_run / "metrics.jsonl").read_text().splitlines()) if "loss" in x
+    }
     direct = {}
     for row in rows:
         step_dir = gpt2_run / "checkpoints" / f"step_{row['step']:08d}"
@@ -222,7 +236,7 @@ def test_norm_drift_equals_direct_norms_and_the_trainer_log(gpt2_run, tmp_path):
     # drift: the value over the first checkpoint's
     assert rows[1]["weight_row_norm_drift"] == pytest.approx(direct[40][0] / direct[20][0], rel=1e-12)
     assert rows[1]["weight_std_drift"] == pytest.approx(direct[40][1] / direct[20][1], rel=1e-12)
-    table = load_checkpoint(gpt2_run).input_table()          # the latest checkpoint's materialised embeddings
+    table = load_checkpoint(gpt2_run).input_table()  # the latest checkpoint's materialised embeddings
     assert rows[-1]["embedding_rms"] == pytest.approx(float(table.pow(2).mean().sqrt()), rel=1e-9)
     assert (tmp_path / "norm_drift.png").is_file()
 
@@ -231,5 +245,6 @@ def test_norm_drift_equals_direct_norms_and_the_trainer_log(gpt2_run, tmp_path):
 def test_loading_and_probing_leave_no_global_cpu_layer(ck):
     """megatron's CPU layer is process-global; a library user (or this test process) must get it back off."""
     from kronecker_scale.model import megatron_cpu
+
     ck.forward(torch.tensor([1, 2, 3]))
     assert not megatron_cpu.is_enabled()

@@ -1,6 +1,7 @@
 """Nothing lost (docs/reliability.md): checkpoint lineage on restart and rollback, optimizer settings that
 change on resume, a model that may not, damaged checkpoints, a full disk, bad settings. Real `kscale
 train` processes (gloo, GPT-2's vocabulary, real text) on the tiny config."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,12 @@ def metric_steps(run: Path) -> list[int]:
 @pytest.fixture
 def six_steps(tmp_path, tiny_config):
     """A run of 6 steps with checkpoints at 2, 4 and 6 (all kept)."""
-    cfg = tiny_config(tmp_path, schedule={"train_steps": 6, "warmup_steps": 1},
-                      checkpoint={"every": 2, "keep_last": 3}, eval={"every": 0})
+    cfg = tiny_config(
+        tmp_path,
+        schedule={"train_steps": 6, "warmup_steps": 1},
+        checkpoint={"every": 2, "keep_last": 3},
+        eval={"every": 0},
+    )
     r = kscale("train", cfg)
     assert r.returncode == 0, r.stderr[-2000:]
     return cfg, tmp_path / "run"
@@ -48,10 +53,10 @@ def test_start_over_is_refused_then_moves_the_old_run_aside(six_steps):
     r = kscale("train", cfg, "checkpoint.resume=none", "run.restart=true", "schedule.train_steps=4")
     assert r.returncode == 0, r.stderr[-2000:]
     aside = list(run.glob("previous-*"))
-    assert len(aside) == 1 and steps_in(aside[0] / "checkpoints") == [2, 4, 6]      # moved, not deleted
+    assert len(aside) == 1 and steps_in(aside[0] / "checkpoints") == [2, 4, 6]  # moved, not deleted
     assert (aside[0] / "metrics.jsonl").is_file()
     assert steps_in(run / "checkpoints") == [2, 4] and latest(run) == "step_00000004"
-    assert metric_steps(run) == [1, 2, 3, 4]                                     # one history, the new one
+    assert metric_steps(run) == [1, 2, 3, 4]  # one history, the new one
 
 
 def test_rollback_keeps_one_history_and_resumes_exactly(six_steps):
@@ -63,10 +68,10 @@ def test_rollback_keeps_one_history_and_resumes_exactly(six_steps):
     assert steps_in(run / "checkpoints") == [2, 4, 6] and latest(run) == "step_00000006"
     abandoned = list((run / "checkpoints").glob("abandoned-*"))
     assert len(abandoned) == 1 and steps_in(abandoned[0]) == [4, 6]
-    assert metric_steps(run) == [1, 2, 3, 4, 5, 6]                            # no interleaved histories
+    assert metric_steps(run) == [1, 2, 3, 4, 5, 6]  # no interleaved histories
     cut = [json.loads(x) for f in run.glob("metrics.abandoned-*.jsonl") for x in f.read_text().splitlines()]
     assert sorted(r["step"] for r in cut if "loss" in r) == [3, 4, 5, 6]
-    assert losses(run) == before                                              # the resumed run is exact
+    assert losses(run) == before  # the resumed run is exact
 
 
 def test_retention_never_deletes_the_checkpoint_resumed_from(six_steps):
@@ -84,6 +89,7 @@ def test_learning_rate_may_change_on_resume(six_steps):
     rows = {json.loads(x)["step"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x}
     # cosine from 1e-3 to 1e-4 over 8 steps after 1 warmup step, at step 7 (index 6): the new settings apply
     import math
+
     expected = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (6 - 1) / 7))
     assert rows[7]["lr"] == pytest.approx(expected, rel=1e-9)
 
@@ -106,8 +112,9 @@ def _truncate_largest(step_dir: Path) -> str:
 def test_a_truncated_latest_falls_back_to_the_previous_checkpoint(six_steps):
     cfg, run = six_steps
     name = _truncate_largest(run / "checkpoints" / "step_00000006")
-    explicit = kscale("train", cfg, f"checkpoint.resume={run / 'checkpoints' / 'step_00000006'}",
-                      "schedule.train_steps=8")
+    explicit = kscale(
+        "train", cfg, f"checkpoint.resume={run / 'checkpoints' / 'step_00000006'}", "schedule.train_steps=8"
+    )
     assert explicit.returncode == 2 and name in explicit.stderr and "damaged" in explicit.stderr
     r = kscale("train", cfg, "schedule.train_steps=8")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -126,8 +133,10 @@ def test_a_partial_checkpoint_left_behind_is_cleaned_at_start(six_steps):
     assert not partial.exists() and "removed the partial checkpoint" in r.stdout
 
 
-@pytest.mark.parametrize("override, key", [("data.micro_batch_size=0", "data.micro_batch_size"),
-                                           ("schedule.train_steps=-5", "schedule.train_steps")])
+@pytest.mark.parametrize(
+    "override, key",
+    [("data.micro_batch_size=0", "data.micro_batch_size"), ("schedule.train_steps=-5", "schedule.train_steps")],
+)
 def test_impossible_settings_name_their_key(tmp_path, tiny_config, override, key):
     r = kscale("train", tiny_config(tmp_path), override)
     assert r.returncode == 2 and f"config key {key}" in r.stderr and "Traceback" not in r.stderr
@@ -147,8 +156,13 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_says_so_and_leaves_no_partial_checkpoint(tmp_path, tiny_config, small_disk):
-    cfg = tiny_config(tmp_path, schedule={"train_steps": 4, "warmup_steps": 1}, checkpoint={"every": 2},
-                      eval={"every": 0}, run={"dir": str(small_disk / "run")})
+    cfg = tiny_config(
+        tmp_path,
+        schedule={"train_steps": 4, "warmup_steps": 1},
+        checkpoint={"every": 2},
+        eval={"every": 0},
+        run={"dir": str(small_disk / "run")},
+    )
     r = kscale("train", cfg)
     assert r.returncode == 2 and "disk full" in r.stderr and "Traceback" not in r.stderr, r.stderr[-5000:]
     ckpts = small_disk / "run" / "checkpoints"

@@ -9,6 +9,7 @@
 Real `kscale train` processes on the session's tiny dataset, slowed down with KSCALE_FAULT_STEP_SLEEP_S so
 that a signal lands mid-run.
 """
+
 import json
 import os
 import re
@@ -32,8 +33,13 @@ SLOW_STEPS = {"KSCALE_FAULT_STEP_SLEEP_S": "0.3", "OMP_NUM_THREADS": "1"}
 def long_config(tiny_config, directory, nproc):
     """A run that would take minutes (60 slow steps), checkpointed only at its end: any checkpoint it has
     after a signal is the signal's."""
-    return tiny_config(directory, parallel={"nproc": nproc}, schedule={"train_steps": 60, "warmup_steps": 2},
-                       checkpoint={"every": 0}, eval={"every": 0})
+    return tiny_config(
+        directory,
+        parallel={"nproc": nproc},
+        schedule={"train_steps": 60, "warmup_steps": 2},
+        checkpoint={"every": 0},
+        eval={"every": 0},
+    )
 
 
 class Run:
@@ -42,9 +48,13 @@ class Run:
     def __init__(self, directory: Path, *args, env=None, name="run"):
         self.out, self.err = directory / f"{name}.out", directory / f"{name}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "kronecker_scale.cli", "train", *map(str, args)],
-                                         stdout=out, stderr=err, cwd=REPO,
-                                         env={**os.environ, "PYTHONPATH": str(REPO), **SLOW_STEPS, **(env or {})})
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kronecker_scale.cli", "train", *map(str, args)],
+                stdout=out,
+                stderr=err,
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO), **SLOW_STEPS, **(env or {})},
+            )
         self.pid = self.proc.pid
 
     def wait(self, timeout=240) -> int:
@@ -103,8 +113,11 @@ def left_over(snapshot: list[psutil.Process], ranks: list[int]) -> list[psutil.P
 
 def steps_logged(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
-    return max((r["step"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r), default=0) \
-        if path.is_file() else 0
+    return (
+        max((r["step"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r), default=0)
+        if path.is_file()
+        else 0
+    )
 
 
 def wait_for(predicate, timeout, what, run: Run | None = None):
@@ -143,17 +156,18 @@ def cleanup():
 # --- fast: the pieces ----------------------------------------------------------------------------------
 def test_stop_signals_are_caught_and_win_over_the_preemption_signal():
     from kronecker_scale.train import preemption
+
     saved = {s: signal.getsignal(s) for s in (*preemption.STOP_SIGNALS, preemption.preempt_signal())}
     try:
         preemption.install_handler()
-        for s in preemption.STOP_SIGNALS:                      # today SIGTERM and SIGHUP kill, SIGINT raises
+        for s in preemption.STOP_SIGNALS:  # today SIGTERM and SIGHUP kill, SIGINT raises
             if s == signal.SIGHUP and saved[s] == signal.SIG_IGN:
-                continue                                       # under nohup SIGHUP stays ignored
+                continue  # under nohup SIGHUP stays ignored
             assert callable(signal.getsignal(s)) and signal.getsignal(s) is not signal.default_int_handler
         signal.raise_signal(preemption.preempt_signal())
         assert preemption.requested() == "SIGUSR2"
         signal.raise_signal(signal.SIGTERM)
-        signal.raise_signal(preemption.preempt_signal())       # a later preemption does not undo the stop
+        signal.raise_signal(preemption.preempt_signal())  # a later preemption does not undo the stop
         assert preemption.requested() == "SIGTERM"
         assert preemption.Preempted(7, "SIGTERM").stopped and not preemption.Preempted(7, "SIGUSR2").stopped
         assert str(preemption.Preempted(7, "SIGINT")) == "stopped by SIGINT: checkpoint saved at step 7"
@@ -164,14 +178,24 @@ def test_stop_signals_are_caught_and_win_over_the_preemption_signal():
 
 
 def test_lock_names_its_holder_and_the_lock_of_a_killed_holder_is_taken_over(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
-                               "from kronecker_scale.launch.local import RunLock\n"
-                               "RunLock.acquire(sys.argv[1]); print('locked', flush=True); time.sleep(120)",
-                               str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from kronecker_scale.launch.local import RunLock\n"
+            "RunLock.acquire(sys.argv[1]); print('locked', flush=True); time.sleep(120)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         from kronecker_scale.errors import KScaleError
+
         with pytest.raises(KScaleError) as e:
             RunLock.acquire(tmp_path)
         assert f"PID {holder.pid} on host {socket.gethostname()}" in str(e.value) and "in use" in str(e.value)
@@ -179,11 +203,11 @@ def test_lock_names_its_holder_and_the_lock_of_a_killed_holder_is_taken_over(tmp
         holder.kill()
         holder.wait()
     notes = []
-    lock = RunLock.acquire(tmp_path, console=notes.append)     # the kernel released the dead holder's flock
+    lock = RunLock.acquire(tmp_path, console=notes.append)  # the kernel released the dead holder's flock
     assert len(notes) == 1 and f"PID {holder.pid}" in notes[0] and "no longer holds it" in notes[0]
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     lock.release()
-    assert (tmp_path / ".lock").read_text() == ""              # released cleanly: nothing stale next time
+    assert (tmp_path / ".lock").read_text() == ""  # released cleanly: nothing stale next time
     notes.clear()
     RunLock.acquire(tmp_path, console=notes.append).release()
     assert notes == []
@@ -204,12 +228,14 @@ def test_stop_signal_to_the_launcher_saves_every_rank_and_exits_stopped(tmp_path
     step = stopped_step(run.stdout(), sig.name)
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == f"step_{step:08d}"
-    assert sorted(p.name for p in (ckpts / f"step_{step:08d}" / "rng").iterdir()) == \
-        ["rank_00000.pt", "rank_00001.pt"]                     # both ranks saved that step
-    assert steps_logged(tmp_path / "run") == step < 60         # and none went on past it
+    assert sorted(p.name for p in (ckpts / f"step_{step:08d}" / "rng").iterdir()) == [
+        "rank_00000.pt",
+        "rank_00001.pt",
+    ]  # both ranks saved that step
+    assert steps_logged(tmp_path / "run") == step < 60  # and none went on past it
     assert "Traceback" not in run.stderr() and "KeyboardInterrupt" not in run.stderr()
     wait_for(lambda: not left_over(procs, ranks), 5, "every process of the run to end")
-    if sig == signal.SIGTERM:                                  # a new run takes the lock and continues from it
+    if sig == signal.SIGTERM:  # a new run takes the lock and continues from it
         r = kscale("train", cfg, f"schedule.train_steps={step + 2}", env={"OMP_NUM_THREADS": "1"}, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"resumed from {ckpts / f'step_{step:08d}'} at step {step}" in r.stdout
@@ -224,12 +250,12 @@ def test_ranks_die_within_seconds_of_a_killed_launcher(tmp_path, tiny_config, cl
     cleanup(run)
     procs, ranks = ranks_of(run, 2)
     wait_for(lambda: steps_logged(tmp_path / "run") >= 2, 300, "step 2", run)
-    procs = procs + [p for p in family(run.pid) if p not in procs]   # whatever the ranks started by now
-    run.proc.kill()                                            # SIGKILL: the launcher cannot pass anything on
+    procs = procs + [p for p in family(run.pid) if p not in procs]  # whatever the ranks started by now
+    run.proc.kill()  # SIGKILL: the launcher cannot pass anything on
     run.wait(10)
     killed = time.time()
     wait_for(lambda: not left_over(procs[1:], ranks), 10, "the orphaned ranks to exit")
-    assert time.time() - killed < 5                            # PR_SET_PDEATHSIG: at once (~0.1 s here)
+    assert time.time() - killed < 5  # PR_SET_PDEATHSIG: at once (~0.1 s here)
     # its lock died with it: the next run is told and takes it over
     notes = []
     RunLock.acquire(tmp_path / "run", console=notes.append).release()
@@ -238,8 +264,7 @@ def test_ranks_die_within_seconds_of_a_killed_launcher(tmp_path, tiny_config, cl
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_second_run_into_a_locked_run_dir_exits_2_naming_the_holder_and_writes_nothing(tmp_path, tiny_config,
-                                                                                        cleanup):
+def test_second_run_into_a_locked_run_dir_exits_2_naming_the_holder_and_writes_nothing(tmp_path, tiny_config, cleanup):
     cfg = long_config(tiny_config, tmp_path, nproc=1)
     first = Run(tmp_path, cfg, name="first")
     cleanup(first)
@@ -250,14 +275,14 @@ def test_second_run_into_a_locked_run_dir_exits_2_naming_the_holder_and_writes_n
     second = kscale("train", cfg, "optim.lr=1e-3", "schedule.train_steps=5", env={"OMP_NUM_THREADS": "1"})
     assert second.returncode == 2, second.stderr[-3000:]
     assert f"PID {first.pid} on host {socket.gethostname()}" in second.stderr and "in use" in second.stderr
-    assert "Traceback" not in second.stderr and "device:" not in second.stdout   # no rank started
-    assert (resolved.read_bytes(), resolved.stat().st_mtime_ns) == before      # its config was not written
+    assert "Traceback" not in second.stderr and "device:" not in second.stdout  # no rank started
+    assert (resolved.read_bytes(), resolved.stat().st_mtime_ns) == before  # its config was not written
     assert {p.name for p in (tmp_path / "run").iterdir()} <= names | {"checkpoints"}
     first.proc.send_signal(signal.SIGTERM)
     assert first.wait(180) == STOPPED_EXIT, first.stderr()[-3000:]
     step = stopped_step(first.stdout(), "SIGTERM")
     third = kscale("train", cfg, f"schedule.train_steps={step + 1}", env={"OMP_NUM_THREADS": "1"}, timeout=300)
-    assert third.returncode == 0, third.stderr[-3000:]        # the lock is free again
+    assert third.returncode == 0, third.stderr[-3000:]  # the lock is free again
     assert "resumed from" in third.stdout and "no longer holds it" not in third.stderr
 
 
@@ -267,16 +292,26 @@ def test_a_rank_started_by_srun_or_torchrun_holds_the_lock_and_stops_on_sigterm(
     """RANK / WORLD_SIZE set: `kscale train` is the rank itself (no launcher), so global rank 0 holds the
     lock and handles the stop signal."""
     cfg = long_config(tiny_config, tmp_path, nproc=1)
-    rank = Run(tmp_path, cfg, env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    rank = Run(
+        tmp_path,
+        cfg,
+        env={
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        },
+    )
     cleanup(rank)
     wait_for(lambda: steps_logged(tmp_path / "run") >= 2, 300, "step 2", rank)
     assert json.loads((tmp_path / "run" / ".lock").read_text())["pid"] == rank.pid
-    other = kscale("train", cfg, env={"OMP_NUM_THREADS": "1"})   # a local launcher into the same directory
+    other = kscale("train", cfg, env={"OMP_NUM_THREADS": "1"})  # a local launcher into the same directory
     assert other.returncode == 2 and f"PID {rank.pid} on host {socket.gethostname()}" in other.stderr
     rank.proc.send_signal(signal.SIGTERM)
     assert rank.wait(180) == STOPPED_EXIT, rank.stderr()[-3000:]
     step = stopped_step(rank.stdout(), "SIGTERM")
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
     assert "Traceback" not in rank.stderr()
-    assert (tmp_path / "run" / ".lock").read_text() == ""     # released on the way out
+    assert (tmp_path / "run" / ".lock").read_text() == ""  # released on the way out

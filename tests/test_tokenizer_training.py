@@ -1,4 +1,5 @@
 """Tokenizers for vocabulary scaling: a byte-level BPE trained on the demo corpus, and cl100k cut by rank."""
+
 import gzip
 
 import pytest
@@ -14,7 +15,7 @@ from kronecker_scale.tokenizer.assets import tokenizer_path
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus") / "demo"
-    build_demo_corpus(out, max_train_mb=3)                      # the three Austen novels, 2.0 MB
+    build_demo_corpus(out, max_train_mb=3)  # the three Austen novels, 2.0 MB
     return out
 
 
@@ -49,7 +50,7 @@ def test_trained_bpe_has_the_requested_size(trained):
     assert ByteTable.from_tokenizer(path, pos_dim=32).vocab_size == 1000
     assert any("vocab 1,000 reached" in m for m in messages)
     assert not any("fewer than" in m for m in messages)
-    assert not list(path.parent.glob(".*tmp*"))                  # written atomically
+    assert not list(path.parent.glob(".*tmp*"))  # written atomically
 
 
 def test_trained_bpe_round_trips_heldout_text_exactly(trained, heldout):
@@ -60,10 +61,10 @@ def test_trained_bpe_round_trips_heldout_text_exactly(trained, heldout):
     exact = tok.exact_bytes()
     assert b"".join(exact[i] for i in ids) == heldout.encode("utf-8")
     table = ByteTable.from_tokenizer(path, pos_dim=32)
-    assert table.stats().truncated == 0                          # 1000 ids: no token longer than 32 bytes
+    assert table.stats().truncated == 0  # 1000 ids: no token longer than 32 bytes
     assert b"".join(table.token(i) for i in set(ids)) == b"".join(exact[i] for i in set(ids))
     bytes_per_token = len(heldout.encode()) / len(ids)
-    assert 2.0 < bytes_per_token < 3.2                           # merges learnt on Austen carry over
+    assert 2.0 < bytes_per_token < 3.2  # merges learnt on Austen carry over
     # byte-level BPE: every single byte has an id, so text of any script still encodes losslessly
     other = "Grüße — 日本語 🙂\t\n"
     assert tok.decode(tok.encode(other)) == other
@@ -115,7 +116,7 @@ def cl100k():
 def cuts(tmp_path_factory):
     out = tmp_path_factory.mktemp("cuts")
     src = tokenizer_path("cl100k")
-    assert src.read_bytes()[:2] == b"\x1f\x8b"                  # the installed file is gzip
+    assert src.read_bytes()[:2] == b"\x1f\x8b"  # the installed file is gzip
     return {n: cut_tiktoken(src, n, out / f"cl100k_{n}.tiktoken") for n in (4096, 8192)}
 
 
@@ -123,9 +124,9 @@ def test_cut_keeps_the_first_ranks_byte_for_byte(cuts, cl100k):
     full = cl100k.exact_bytes()
     for n, path in cuts.items():
         raw = path.read_bytes()
-        assert raw[:2] != b"\x1f\x8b"                             # plain text
+        assert raw[:2] != b"\x1f\x8b"  # plain text
         lines = raw.decode("ascii").splitlines()
-        assert [int(line.split()[1]) for line in lines] == list(range(n))   # sorted by rank, no gaps
+        assert [int(line.split()[1]) for line in lines] == list(range(n))  # sorted by rank, no gaps
         tok = load_tokenizer(path)
         assert tok.format == "tiktoken" and tok.vocab_size == n and not tok.special_ids
         assert tok.exact_bytes() == full[:n]

@@ -5,6 +5,7 @@ and a resumed run must continue the same W&B run id (kept in the checkpoints' ru
 W&B's offline files are read back without the network or a W&B account: `run-<id>.wandb` is a LevelDB-style
 log of `wandb_internal_pb2.Record` protobufs (read_wandb_file below).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,13 +34,13 @@ def _log_records(data: bytes):
     assert ident == b":W&B" and magic == 0xBEE1, (ident, magic)
     pos, block, pending = 7, 32768, b""
     while pos + 7 <= len(data):
-        if block - pos % block < 7:                 # block trailer: too short for a header
+        if block - pos % block < 7:  # block trailer: too short for a header
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:
             break
-        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 1:
             yield payload
         elif kind == 2:
@@ -54,14 +55,16 @@ def _log_records(data: bytes):
 def read_wandb_file(path: Path) -> dict:
     """{run_id, project, name, tags, config {key: value}, history {step: {key: value}}} of one offline run."""
     from wandb.proto import wandb_internal_pb2 as pb
+
     out: dict = {"config": {}, "history": {}}
     for payload in _log_records(path.read_bytes()):
         rec = pb.Record()
         rec.ParseFromString(payload)
         kind = rec.WhichOneof("record_type")
         if kind == "run":
-            out.update(run_id=rec.run.run_id, project=rec.run.project, name=rec.run.display_name,
-                       tags=list(rec.run.tags))
+            out.update(
+                run_id=rec.run.run_id, project=rec.run.project, name=rec.run.display_name, tags=list(rec.run.tags)
+            )
             out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
         elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
@@ -97,6 +100,7 @@ def _tiny_cfg(tmp_path: Path, **logging):
     from omegaconf import OmegaConf
 
     from kronecker_scale.config.schema import TrainConfig
+
     cfg = OmegaConf.structured(TrainConfig)
     cfg.run.dir, cfg.run.name, cfg.logging.tensorboard = str(tmp_path / "run"), "unit", False
     for k, v in logging.items():
@@ -119,9 +123,15 @@ def test_wandb_is_off_by_default_and_not_imported(tmp_path):
         "w = MetricsWriter.for_run(cfg, True, console=lambda *a: None)\n"
         "assert [type(x) for x in w.loggers] == [JsonlLogger] and w.wandb_run_id is None\n"
         "w.write({'step': 1, 'loss': 2.0}); w.close()\n"
-        "print('wandb imported:', 'wandb' in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        "print('wandb imported:', 'wandb' in sys.modules)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wandb imported: False" in r.stdout
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text()) == {"step": 1, "loss": 2.0}
@@ -129,12 +139,14 @@ def test_wandb_is_off_by_default_and_not_imported(tmp_path):
 
 def test_a_bad_wandb_mode_is_refused(tmp_path):
     from kronecker_scale.train.metrics import MetricsWriter
+
     with pytest.raises(KScaleError, match="logging.wandb.mode='upload' is not possible"):
         MetricsWriter.for_run(_tiny_cfg(tmp_path, mode="upload"), True)
 
 
 def test_every_sink_implements_the_one_logger_interface(tmp_path):
     from kronecker_scale.train.metrics import JsonlLogger, MetricsLogger, MetricsWriter, TensorBoardLogger, WandbLogger
+
     for cls in (JsonlLogger, TensorBoardLogger, WandbLogger):
         assert callable(cls.write) and callable(cls.close)
     seen = []
@@ -161,6 +173,7 @@ def test_offline_logger_writes_records_and_config_and_resumes_the_same_run(tmp_p
     from omegaconf import OmegaConf
 
     from kronecker_scale.train.metrics import MetricsWriter
+
     for k, v in WANDB_ENV.items():
         monkeypatch.setenv(k, v)
     cfg = _tiny_cfg(tmp_path, mode="offline", project="kscale-test", tags=["unit", "offline"])
@@ -168,15 +181,16 @@ def test_offline_logger_writes_records_and_config_and_resumes_the_same_run(tmp_p
     first = MetricsWriter.for_run(cfg, True, console=lambda *a: None)
     run_id = first.wandb_run_id
     assert run_id and len(run_id) == 16
-    records = [{"step": s, "loss": 5.0 / s, "lr": 1e-3, "grad_norm": float("nan") if s == 2 else 0.5}
-               for s in (1, 2, 3)]
+    records = [
+        {"step": s, "loss": 5.0 / s, "lr": 1e-3, "grad_norm": float("nan") if s == 2 else 0.5} for s in (1, 2, 3)
+    ]
     for r in records:
         first.write(r, show=False)
     first.write({"step": 3, "val_loss": 4.25}, show=False)
     first.close()
-    time.sleep(1.1)                 # W&B names offline folders by the second (offline-run-<time>-<id>)
+    time.sleep(1.1)  # W&B names offline folders by the second (offline-run-<time>-<id>)
     lr = cfg.optim.lr
-    cfg.optim.lr = lr / 10                               # changed on resume: the config follows
+    cfg.optim.lr = lr / 10  # changed on resume: the config follows
     second = MetricsWriter.for_run(cfg, True, console=lambda *a: None, resume_step=3, wandb_run_id=run_id)
     second.write({"step": 4, "loss": 1.0}, show=False)
     second.close()
@@ -199,10 +213,15 @@ def test_training_run_logs_to_wandb_offline_and_resume_continues_the_run(tiny_co
     pytest.importorskip("wandb")
     import torch
     from omegaconf import OmegaConf
-    cfg = tiny_config(tmp_path, logging={"tensorboard": False, "wandb": {"mode": "offline", "project": "kscale-test",
-                                                                         "tags": ["tiny"]}},
-                      schedule={"train_steps": 4, "warmup_steps": 2}, checkpoint={"every": 2},
-                      eval={"every": 2, "batches": 1}, run={"dir": str(tmp_path / "run"), "name": "wandb-tiny"})
+
+    cfg = tiny_config(
+        tmp_path,
+        logging={"tensorboard": False, "wandb": {"mode": "offline", "project": "kscale-test", "tags": ["tiny"]}},
+        schedule={"train_steps": 4, "warmup_steps": 2},
+        checkpoint={"every": 2},
+        eval={"every": 2, "batches": 1},
+        run={"dir": str(tmp_path / "run"), "name": "wandb-tiny"},
+    )
     run_dir = tmp_path / "run"
     r = kscale("train", cfg, "parallel.nproc=2", env=WANDB_ENV)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -210,7 +229,7 @@ def test_training_run_logs_to_wandb_offline_and_resume_continues_the_run(tiny_co
     r = kscale("train", cfg, "parallel.nproc=2", "schedule.train_steps=8", env=WANDB_ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = offline_runs(run_dir)
-    assert len(runs) == 2                                   # one per process run: rank 1 logged nothing
+    assert len(runs) == 2  # one per process run: rank 1 logged nothing
     run_id = runs[0]["run_id"]
     assert runs[1]["run_id"] == run_id and runs[0]["name"] == "wandb-tiny" and runs[0]["tags"] == ["tiny"]
     for ckpt in ("step_00000004", "step_00000008"):

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Same as `kscale byte-table`, for running from a checkout: python tools/byte_table.py --help"""
+
 import sys
 from pathlib import Path
 

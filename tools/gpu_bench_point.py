@@ -12,6 +12,7 @@
 
 Off CUDA both run on the CPU for a smoke test (the triton impl then needs TRITON_INTERPRET=1 and tiny sizes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,7 @@ VOCAB = 131_072
 def byte_table(pos_dim: int, tokenizer: str) -> tuple[ByteTable, object]:
     from kronecker_scale.tokenizer import load_tokenizer
     from kronecker_scale.tokenizer.assets import tokenizer_path
+
     path = tokenizer_path(tokenizer)
     return ByteTable.from_tokenizer(path, pos_dim=pos_dim), load_tokenizer(path)
 
@@ -76,15 +78,23 @@ def bench(args, device) -> tuple[list[str], dict]:
     table, tok = byte_table(args.pos_dim, args.tokenizer)
     providers = {
         "nn.Embedding": lambda: nn.Embedding(table.vocab_size, args.d_model, device=device, dtype=dtype),
-        "kron_triton": lambda: KroneckerEmbedding(table, args.d_model, impl=args.impl, deterministic=False,
-                                                  device=device, dtype=dtype),
-        "kron_triton_det": lambda: KroneckerEmbedding(table, args.d_model, impl=args.impl, deterministic=True,
-                                                      device=device, dtype=dtype),
+        "kron_triton": lambda: KroneckerEmbedding(
+            table, args.d_model, impl=args.impl, deterministic=False, device=device, dtype=dtype
+        ),
+        "kron_triton_det": lambda: KroneckerEmbedding(
+            table, args.d_model, impl=args.impl, deterministic=True, device=device, dtype=dtype
+        ),
     }
-    rows, lines = [], [
-        f"V = {table.vocab_size:,}, d = {args.d_model:,}, P = {args.pos_dim}, bf16, ids: {args.tokenizer} on English "
-        f"text; forward+backward, median of {args.reps} (CUDA events); GB/s = 2·N·d·2 bytes / time.", "",
-        "| N | provider | fwd+bwd ms | x nn.Embedding | GB/s | peak MiB |", "|---|---|---|---|---|---|"]
+    rows, lines = (
+        [],
+        [
+            f"V = {table.vocab_size:,}, d = {args.d_model:,}, P = {args.pos_dim}, bf16, ids: {args.tokenizer} on English "
+            f"text; forward+backward, median of {args.reps} (CUDA events); GB/s = 2·N·d·2 bytes / time.",
+            "",
+            "| N | provider | fwd+bwd ms | x nn.Embedding | GB/s | peak MiB |",
+            "|---|---|---|---|---|---|",
+        ],
+    )
     for n in args.tokens:
         ids = real_ids(tok, n, table.vocab_size, device)
         grad = torch.randn(n, args.d_model, device=device, dtype=dtype)
@@ -106,7 +116,7 @@ def bench(args, device) -> tuple[list[str], dict]:
             gbs = 2 * n * args.d_model * 2 / (ms * 1e-3) / 1e9
             rows.append(dict(tokens=n, provider=name, ms=ms, ratio=ms / base, gb_s=gbs, peak_mib=peak))
             lines.append(f"| {n:,} | {name} | {ms:.3f} | {ms / base:.2f} | {gbs:,.1f} | {peak:,.0f} |")
-            module = step = None        # free this provider's memory before the next one's
+            module = step = None  # free this provider's memory before the next one's
     worst = max((r["ratio"] for r in rows if r["provider"] == "kron_triton"), default=float("nan"))
     lines += ["", f"kron_triton fwd+bwd at most {worst:.2f}x nn.Embedding (target: <= 1.1x)."]
     return lines, {"rows": rows, "worst_ratio_kron_triton": worst}
@@ -123,7 +133,7 @@ def large_probe(args, device) -> tuple[list[str], dict]:
         out = emb(ids)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        boundary = (2**31) // d                   # first row whose element offsets pass 2^31
+        boundary = (2**31) // d  # first row whose element offsets pass 2^31
         picks = sorted({0, 1, n // 2, boundary - 1, boundary, boundary + 1, n - 2, n - 1} & set(range(n)))
         ref_mod = copy.deepcopy(emb).double()
         ref_mod.impl = "torch"
@@ -134,9 +144,11 @@ def large_probe(args, device) -> tuple[list[str], dict]:
         scale = ref.abs().max().item()
     tol = 2**-7 * scale
     ok = bool(err <= tol) and bool(torch.isfinite(got).all())
-    lines = [f"N = {n:,}, d = {d:,}: N·d = {n * d:,} ({'>' if n * d > 2**31 else '<='} 2^31 = {2**31:,}); "
-             f"triton forward, bf16, rows {picks} against the torch closed form in fp64: max |error| {err:.3g} "
-             f"(tolerance {tol:.3g}) -> **{'PASS' if ok else 'FAIL'}**"]
+    lines = [
+        f"N = {n:,}, d = {d:,}: N·d = {n * d:,} ({'>' if n * d > 2**31 else '<='} 2^31 = {2**31:,}); "
+        f"triton forward, bf16, rows {picks} against the torch closed form in fp64: max |error| {err:.3g} "
+        f"(tolerance {tol:.3g}) -> **{'PASS' if ok else 'FAIL'}**"
+    ]
     return lines, {"tokens": n, "d_model": d, "rows": picks, "max_abs_err": err, "tol": tol, "pass": ok}
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Same as `kscale params`, for running from a checkout: python tools/params.py --help"""
+
 import sys
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Configs: the typed schema (schema.py) and loading/overrides/validation (load.py)."""
+
 from .load import load_config, to_yaml, validate
 from .schema import TrainConfig
 

@@ -2,6 +2,7 @@
 file), the command line overrides any key (`optim.lr=3e-4`), and the result is checked against the
 schema (unknown keys and wrong types fail, naming the key) and for impossible layouts (world size not
 divisible by TP x PP, heads not divisible by TP, ...), all before any process starts."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -35,8 +36,11 @@ def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
 def _explain(e: OmegaConfBaseException, where: str) -> KScaleError:
     key = getattr(e, "full_key", None) or ""
     msg = str(e).splitlines()[0]
-    return KScaleError(f"invalid config: {msg}", where=f"{where}: key {key}" if key else where,
-                       fix="see kronecker_scale/config/schema.py for the keys and their types")
+    return KScaleError(
+        f"invalid config: {msg}",
+        where=f"{where}: key {key}" if key else where,
+        fix="see kronecker_scale/config/schema.py for the keys and their types",
+    )
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -49,14 +53,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
         raise _explain(e, where) from None
     for item in overrides:
         if "=" not in item:
-            raise KScaleError(f"override {item!r} is not key=value", where="command line",
-                              fix="write e.g. optim.lr=3e-4")
+            raise KScaleError(
+                f"override {item!r} is not key=value", where="command line", fix="write e.g. optim.lr=3e-4"
+            )
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise _explain(e, "command line" if overrides else where) from None
-    if cfg.launcher.cluster == "slurm":       # the world size is what Slurm starts: one rank per task
+    if cfg.launcher.cluster == "slurm":  # the world size is what Slurm starts: one rank per task
         cfg.parallel.nproc = cfg.launcher.nodes * cfg.launcher.tasks_per_node
     validate(cfg)
     return cfg
@@ -64,12 +69,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
 
 def validate(cfg: DictConfig) -> None:
     """Checks across keys that the schema's types cannot express."""
+
     def bad(key, value, fix):
         raise KScaleError(f"{key}={value!r} is not possible", where=f"config key {key}", fix=fix)
 
     from ..model.config import GPTConfig
+
     GPTConfig(**OmegaConf.to_container(cfg.model)).validate()
-    _validate_launcher(cfg, bad)                 # first: it decides the world size the rest is checked against
+    _validate_launcher(cfg, bad)  # first: it decides the world size the rest is checked against
     p = cfg.parallel
     for key in ("tensor", "pipeline", "nproc"):
         if p[key] < 1:
@@ -83,20 +90,26 @@ def validate(cfg: DictConfig) -> None:
     if p.sequence and p.tensor == 1:
         bad("parallel.sequence", True, "sequence parallelism needs parallel.tensor > 1")
     d = cfg.data
-    for key, value, least in (("data.micro_batch_size", d.micro_batch_size, 1),
-                              ("data.global_batch_size", d.global_batch_size, 1),
-                              ("schedule.train_steps", cfg.schedule.train_steps, 1),
-                              ("schedule.warmup_steps", cfg.schedule.warmup_steps, 0),
-                              ("checkpoint.every", cfg.checkpoint.every, 0),
-                              ("checkpoint.keep_last", cfg.checkpoint.keep_last, 0),
-                              ("eval.every", cfg.eval.every, 0), ("eval.batches", cfg.eval.batches, 1),
-                              ("logging.every", cfg.logging.every, 1)):
+    for key, value, least in (
+        ("data.micro_batch_size", d.micro_batch_size, 1),
+        ("data.global_batch_size", d.global_batch_size, 1),
+        ("schedule.train_steps", cfg.schedule.train_steps, 1),
+        ("schedule.warmup_steps", cfg.schedule.warmup_steps, 0),
+        ("checkpoint.every", cfg.checkpoint.every, 0),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last, 0),
+        ("eval.every", cfg.eval.every, 0),
+        ("eval.batches", cfg.eval.batches, 1),
+        ("logging.every", cfg.logging.every, 1),
+    ):
         if value < least:
             bad(key, value, f"use an integer >= {least}")
     dp = p.nproc // (p.tensor * p.pipeline)
     if d.global_batch_size % (d.micro_batch_size * dp):
-        bad("data.global_batch_size", d.global_batch_size,
-            f"must be a multiple of micro_batch_size x data-parallel size = {d.micro_batch_size * dp}")
+        bad(
+            "data.global_batch_size",
+            d.global_batch_size,
+            f"must be a multiple of micro_batch_size x data-parallel size = {d.micro_batch_size * dp}",
+        )
     if p.sequence and cfg.model.seq_len % p.tensor:
         bad("model.seq_len", cfg.model.seq_len, "must be divisible by parallel.tensor under sequence parallelism")
     if cfg.run.precision not in ("fp32", "bf16", "fp16"):
@@ -104,17 +117,25 @@ def validate(cfg: DictConfig) -> None:
     if cfg.run.engine not in ("megatron", "deepspeed"):
         bad("run.engine", cfg.run.engine, "use megatron or deepspeed")
     if cfg.run.deterministic and cfg.model.deterministic_embedding is False:
-        bad("model.deterministic_embedding", False, "run.deterministic=true needs the deterministic embedding "
-                                                    "backward: leave it unset (null) or true")
+        bad(
+            "model.deterministic_embedding",
+            False,
+            "run.deterministic=true needs the deterministic embedding backward: leave it unset (null) or true",
+        )
     if cfg.run.device not in ("auto", "cuda", "cpu"):
         bad("run.device", cfg.run.device, "use auto, cuda or cpu")
     if cfg.model.attention_backend == "te":
         import importlib.util
+
         if cfg.run.device == "cpu":
             bad("model.attention_backend", "te", "Transformer Engine runs on CUDA only: use sdpa or auto on the CPU")
         if importlib.util.find_spec("transformer_engine") is None:
-            bad("model.attention_backend", "te", "transformer_engine is not installed: install it on the CUDA node, "
-                                                 "or use sdpa (torch's fused attention) or auto")
+            bad(
+                "model.attention_backend",
+                "te",
+                "transformer_engine is not installed: install it on the CUDA node, "
+                "or use sdpa (torch's fused attention) or auto",
+            )
     if cfg.run.on_nan not in ("stop", "skip"):
         bad("run.on_nan", cfg.run.on_nan, "use stop or skip")
     if cfg.schedule.decay not in ("cosine", "linear", "constant"):
@@ -124,10 +145,15 @@ def validate(cfg: DictConfig) -> None:
     if not d.train:
         bad("data.train", [], "give at least one prepared dataset: data.train=[{path: DIR}]")
     import re
-    if d.cache_limit is not None and not re.fullmatch(r"\s*(\d+(\.\d*)?\s*(b|kb|mb|gb|tb|pb)?|\d+(\.\d*)?\s*%|none)\s*",
-                                                      str(d.cache_limit), re.IGNORECASE):
-        bad("data.cache_limit", d.cache_limit,
-            'use a percentage of the cache filesystem ("50%"), a size ("200gb") or null')
+
+    if d.cache_limit is not None and not re.fullmatch(
+        r"\s*(\d+(\.\d*)?\s*(b|kb|mb|gb|tb|pb)?|\d+(\.\d*)?\s*%|none)\s*", str(d.cache_limit), re.IGNORECASE
+    ):
+        bad(
+            "data.cache_limit",
+            d.cache_limit,
+            'use a percentage of the cache filesystem ("50%"), a size ("200gb") or null',
+        )
     if cfg.tokenizer.byte_source not in ("exact", "decode"):
         bad("tokenizer.byte_source", cfg.tokenizer.byte_source, "use exact or decode")
     if cfg.run.engine == "deepspeed":
@@ -143,11 +169,17 @@ def _validate_launcher(cfg: DictConfig, bad) -> None:
         if la[key] < 1:
             bad(f"launcher.{key}", la[key], "use a positive integer")
     if la.gpus_per_node and la.tasks_per_node != la.gpus_per_node:
-        bad("launcher.tasks_per_node", la.tasks_per_node,
-            f"one task per GPU: set it to launcher.gpus_per_node={la.gpus_per_node}")
+        bad(
+            "launcher.tasks_per_node",
+            la.tasks_per_node,
+            f"one task per GPU: set it to launcher.gpus_per_node={la.gpus_per_node}",
+        )
     if la.cluster == "slurm" and cfg.parallel.nproc != la.nodes * la.tasks_per_node:
-        bad("parallel.nproc", cfg.parallel.nproc,
-            f"under Slurm the world size is launcher.nodes x launcher.tasks_per_node = {la.nodes * la.tasks_per_node}")
+        bad(
+            "parallel.nproc",
+            cfg.parallel.nproc,
+            f"under Slurm the world size is launcher.nodes x launcher.tasks_per_node = {la.nodes * la.tasks_per_node}",
+        )
 
 
 def _validate_deepspeed(cfg: DictConfig, bad) -> None:
@@ -156,15 +188,23 @@ def _validate_deepspeed(cfg: DictConfig, bad) -> None:
     p, ds = cfg.parallel, cfg.deepspeed
     for key in ("tensor", "pipeline"):
         if p[key] != 1:
-            bad(f"parallel.{key}", p[key], "the deepspeed engine is data parallel only: set it to 1, or use "
-                                          "run.engine=megatron for tensor/pipeline parallelism")
+            bad(
+                f"parallel.{key}",
+                p[key],
+                "the deepspeed engine is data parallel only: set it to 1, or use "
+                "run.engine=megatron for tensor/pipeline parallelism",
+            )
     if ds.zero_stage not in (1, 2, 3):
         bad("deepspeed.zero_stage", ds.zero_stage, "use 1, 2 or 3")
     if ds.offload_params and ds.zero_stage != 3:
         bad("deepspeed.offload_params", True, "parameter offload needs deepspeed.zero_stage=3")
     if p.distributed_optimizer:
-        bad("parallel.distributed_optimizer", True, "megatron's distributed optimizer is not used by the deepspeed "
-                                                    "engine (ZeRO shards the optimizer): set it to false")
+        bad(
+            "parallel.distributed_optimizer",
+            True,
+            "megatron's distributed optimizer is not used by the deepspeed "
+            "engine (ZeRO shards the optimizer): set it to false",
+        )
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -12,6 +12,7 @@ and writes them in its own format with the source's run state (step, tokens, dat
   (default: the source's data-parallel size, which its data-loader state was saved for).
 The result is OUT/step_XXXXXXXX + OUT/latest; train from it with checkpoint.resume=OUT/step_XXXXXXXX.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,6 +27,7 @@ from ..launch.offline import offline_rank, run_offline_ranks
 
 def _target_config(step_dir: Path, engine: str, world_size: int, zero_stage: int | None = None):
     from ..config import validate
+
     cfg = read_config(step_dir)
     cfg.run.engine = engine
     cfg.parallel.tensor = cfg.parallel.pipeline = 1
@@ -44,22 +46,33 @@ def deepspeed_to_megatron(src: str | Path, out_root: str | Path, timeout: float 
     step_dir = resolve_checkpoint(src)
     state = torch.load(step_dir / "trainer_state.pt", weights_only=False)
     if state.get("engine") != "deepspeed":
-        raise KScaleError("not a deepspeed-engine checkpoint", where=str(step_dir),
-                          fix="for a megatron checkpoint use: kscale convert megatron-to-deepspeed")
-    return _run("to_megatron", step_dir, out_root, _target_config(step_dir, "megatron", state["world_size"]),
-                timeout)
+        raise KScaleError(
+            "not a deepspeed-engine checkpoint",
+            where=str(step_dir),
+            fix="for a megatron checkpoint use: kscale convert megatron-to-deepspeed",
+        )
+    return _run("to_megatron", step_dir, out_root, _target_config(step_dir, "megatron", state["world_size"]), timeout)
 
 
-def megatron_to_deepspeed(src: str | Path, out_root: str | Path, *, world_size: int | None = None,
-                          zero_stage: int | None = None, timeout: float = 1800) -> Path:
+def megatron_to_deepspeed(
+    src: str | Path,
+    out_root: str | Path,
+    *,
+    world_size: int | None = None,
+    zero_stage: int | None = None,
+    timeout: float = 1800,
+) -> Path:
     """A megatron-engine checkpoint (any TP/PP layout) as a deepspeed-engine checkpoint for world_size ranks."""
     import torch
 
     step_dir = resolve_checkpoint(src)
     state = torch.load(step_dir / "trainer_state.pt", weights_only=False)
     if state.get("engine", "megatron") != "megatron":
-        raise KScaleError("not a megatron-engine checkpoint", where=str(step_dir),
-                          fix="for a deepspeed checkpoint use: kscale convert deepspeed-to-megatron")
+        raise KScaleError(
+            "not a megatron-engine checkpoint",
+            where=str(step_dir),
+            fix="for a deepspeed checkpoint use: kscale convert deepspeed-to-megatron",
+        )
     if world_size is None:
         p = read_config(step_dir).parallel
         world_size = max(1, state.get("world_size", 1) // (p.tensor * p.pipeline))
@@ -68,8 +81,9 @@ def megatron_to_deepspeed(src: str | Path, out_root: str | Path, *, world_size: 
 
 
 def _run(direction: str, step_dir: Path, out_root: str | Path, cfg, timeout: float) -> Path:
-    return run_offline_ranks("kronecker_scale.convert.engines", [direction, str(step_dir)], step_dir, out_root, cfg,
-                             timeout, direction)
+    return run_offline_ranks(
+        "kronecker_scale.convert.engines", [direction, str(step_dir)], step_dir, out_root, cfg, timeout, direction
+    )
 
 
 # --- one rank -----------------------------------------------------------------------------------------
@@ -83,6 +97,7 @@ def _convert_rank(direction: str, step_dir: Path, out_root: Path, cfg) -> None:
     from ..train.engine import build_engine
     from ..train.loop import save_checkpoint
     from .reshard import offline_inputs
+
     inputs = offline_inputs(cfg, step_dir)
     source_engine = "deepspeed" if direction == "to_megatron" else "megatron"
     source = build_engine(OmegaConf.merge(cfg, {"run": {"engine": source_engine}}), inputs)
@@ -94,7 +109,7 @@ def _convert_rank(direction: str, step_dir: Path, out_root: Path, cfg) -> None:
     if direction == "to_deepspeed":
         _create_adam_state(target, cfg, inputs.model_cfg.seq_len)
     target.set_full_state(full)
-    state = checkpoint.read_run_state(step_dir)            # also restores this rank's RNG states
+    state = checkpoint.read_run_state(step_dir)  # also restores this rank's RNG states
     state = {k: v for k, v in state.items() if k not in ("rng_restored", "engine", "zero_stage")}
     state.update(world_size=torch.distributed.get_world_size(), **target.run_state())
     save_checkpoint(target, cfg, inputs, out_root, state, keep_last=0)
@@ -104,10 +119,12 @@ def _create_adam_state(engine, cfg, seq_len: int) -> None:
     """torch's AdamW creates its state on the first step: take one with learning rate 0 on a dummy batch
     (the weights do not move: the update and the decoupled decay are both multiplied by lr = 0)."""
     import torch
+
     engine.set_learning_rate(0.0)
     shape = (cfg.data.micro_batch_size, seq_len)
-    dummy = iter(lambda: {"tokens": torch.zeros(shape, dtype=torch.long), "labels": torch.zeros(shape, dtype=torch.long)},
-                 None)
+    dummy = iter(
+        lambda: {"tokens": torch.zeros(shape, dtype=torch.long), "labels": torch.zeros(shape, dtype=torch.long)}, None
+    )
     engine.forward_backward(dummy)
     engine.optimizer_step(True)
 
@@ -139,7 +156,10 @@ def add_engine_commands(convert) -> None:
     s = convert.add_parser("megatron-to-deepspeed", help="a megatron-engine checkpoint in DeepSpeed's ZeRO format")
     s.add_argument("checkpoint", help="step folder, checkpoints folder or run folder")
     s.add_argument("out_dir", help="checkpoints folder to write (step_* + latest)")
-    s.add_argument("--world-size", type=int, help="ranks the ZeRO partitions are written for "
-                                                   "(default: the source's data-parallel size)")
+    s.add_argument(
+        "--world-size",
+        type=int,
+        help="ranks the ZeRO partitions are written for (default: the source's data-parallel size)",
+    )
     s.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="default: the config's deepspeed.zero_stage")
     s.set_defaults(func=cmd_megatron_to_deepspeed)

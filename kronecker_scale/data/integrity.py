@@ -9,6 +9,7 @@ later start on the node reads the copy and hashes nothing.
 Datasets prepared before the hashes existed (no "files" in the manifest's split) are read as before, without a
 check and without a word.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from ..errors import KScaleError
 
-MANIFEST = "manifest.json"        # the same name as prepare.MANIFEST (prepare imports this module)
+MANIFEST = "manifest.json"  # the same name as prepare.MANIFEST (prepare imports this module)
 INDEX = "index.json"
 
 
@@ -41,8 +42,10 @@ def split_files(split_dir: Path) -> list[str]:
 def file_records(split_dir: Path) -> list[dict]:
     """[{"file", "bytes", "sha256"}] of every file of the split, for the manifest."""
     split_dir = Path(split_dir)
-    return [{"file": name, "bytes": (split_dir / name).stat().st_size, "sha256": sha256_file(split_dir / name)}
-            for name in split_files(split_dir)]
+    return [
+        {"file": name, "bytes": (split_dir / name).stat().st_size, "sha256": sha256_file(split_dir / name)}
+        for name in split_files(split_dir)
+    ]
 
 
 def verify_split(split_dir: Path, manifest: dict | None = None) -> bool:
@@ -56,13 +59,18 @@ def verify_split(split_dir: Path, manifest: dict | None = None) -> bool:
         try:
             manifest = json.loads((dataset / MANIFEST).read_text())
         except (OSError, ValueError) as e:
-            raise KScaleError(f"cannot read the dataset's manifest ({e})", where=str(dataset / MANIFEST),
-                              fix="prepare the dataset again with `kscale prepare-data`") from None
+            raise KScaleError(
+                f"cannot read the dataset's manifest ({e})",
+                where=str(dataset / MANIFEST),
+                fix="prepare the dataset again with `kscale prepare-data`",
+            ) from None
     records = (manifest.get("splits") or {}).get(split, {}).get("files")
     if records is None:
-        return False                              # prepared before shard hashes: read as before
-    fix = ("the file changed after prepare-data wrote it (a disk, copy or sync fault, or an edit): copy the "
-           "dataset again from a good copy, or prepare it again with `kscale prepare-data ... --overwrite`")
+        return False  # prepared before shard hashes: read as before
+    fix = (
+        "the file changed after prepare-data wrote it (a disk, copy or sync fault, or an edit): copy the "
+        "dataset again from a good copy, or prepare it again with `kscale prepare-data ... --overwrite`"
+    )
     for rec in records:
         path = split_dir / rec["file"]
         where = f"{path} (dataset {dataset}, split {split!r})"
@@ -73,15 +81,20 @@ def verify_split(split_dir: Path, manifest: dict | None = None) -> bool:
         except OSError as e:
             raise KScaleError(f"cannot read {rec['file']} ({e.strerror})", where=where) from None
         if size != rec["bytes"]:
-            raise KScaleError(f"{rec['file']} has {size:,} bytes; prepare-data wrote {rec['bytes']:,}",
-                              where=where, fix=fix)
+            raise KScaleError(
+                f"{rec['file']} has {size:,} bytes; prepare-data wrote {rec['bytes']:,}", where=where, fix=fix
+            )
         try:
             digest = sha256_file(path)
         except OSError as e:
             raise KScaleError(f"cannot read {rec['file']} ({e.strerror})", where=where) from None
         if digest != rec["sha256"]:
-            raise KScaleError(f"{rec['file']} is damaged: its SHA-256 is {digest[:16]}..., prepare-data wrote "
-                              f"{rec['sha256'][:16]}...", where=where, fix=fix)
+            raise KScaleError(
+                f"{rec['file']} is damaged: its SHA-256 is {digest[:16]}..., prepare-data wrote "
+                f"{rec['sha256'][:16]}...",
+                where=where,
+                fix=fix,
+            )
     return True
 
 

@@ -24,6 +24,7 @@ ends (reuse is the point); what killed runs leave is removed at the next start: 
 streaming's shared memory and lock files (streaming_adapter.clean_stale_shared_memory), and the
 per-process copies older versions made (`/tmp/kscale-data-cache/<rank>-<pid>`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,38 +58,51 @@ from .streaming_adapter import (
 
 DEFAULT_CACHE_LIMIT = "50%"
 CACHE_FORMAT = "kscale-node-cache-v1"
-_MARKER = "kscale-cache.json"             # written last; a copy without it (or with another fingerprint) is rebuilt
+_MARKER = "kscale-cache.json"  # written last; a copy without it (or with another fingerprint) is rebuilt
 
 
 @dataclass(frozen=True)
 class DataSource:
     path: str
-    proportion: float | None = None        # mixing weight; None = every sample once per epoch
+    proportion: float | None = None  # mixing weight; None = every sample once per epoch
 
 
-def check_manifest(manifest: dict, *, tokenizer_fingerprint: str | None = None, vocab_size: int | None = None,
-                   seq_len: int | None = None, where: str = "") -> None:
+def check_manifest(
+    manifest: dict,
+    *,
+    tokenizer_fingerprint: str | None = None,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+    where: str = "",
+) -> None:
     """The dataset must match the model: same tokenizer, ids below its vocabulary, same seq_len."""
     if tokenizer_fingerprint and manifest["tokenizer_fingerprint"] != tokenizer_fingerprint:
         raise KScaleError(
             f"dataset was tokenized with another tokenizer: dataset {manifest['tokenizer_fingerprint'][:16]}, "
-            f"model {tokenizer_fingerprint[:16]}", where=where,
-            fix="prepare the data with the model's tokenizer (or train with the tokenizer the data was made with)")
+            f"model {tokenizer_fingerprint[:16]}",
+            where=where,
+            fix="prepare the data with the model's tokenizer (or train with the tokenizer the data was made with)",
+        )
     if vocab_size is not None and manifest["vocab_size"] > vocab_size:
-        raise KScaleError(f"dataset vocabulary ({manifest['vocab_size']}) is larger than the model's ({vocab_size})",
-                          where=where)
+        raise KScaleError(
+            f"dataset vocabulary ({manifest['vocab_size']}) is larger than the model's ({vocab_size})", where=where
+        )
     if seq_len is not None and manifest["seq_len"] != seq_len:
-        raise KScaleError(f"dataset seq_len is {manifest['seq_len']}, the model's is {seq_len}", where=where,
-                          fix="prepare the data with --seq-len equal to model.seq_len")
+        raise KScaleError(
+            f"dataset seq_len is {manifest['seq_len']}, the model's is {seq_len}",
+            where=where,
+            fix="prepare the data with --seq-len equal to model.seq_len",
+        )
 
 
 def _token_dataset_class():
     streaming = import_streaming()
 
     class TokenDataset(streaming.StreamingDataset):
-        def __getitem__(self, index):               # used for every sample the loader yields
+        def __getitem__(self, index):  # used for every sample the loader yields
             sample = super().__getitem__(index)["tokens"].astype(np.int64)
             return torch.from_numpy(sample)
+
     return TokenDataset
 
 
@@ -108,8 +122,11 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise KScaleError(f"cannot create the data cache folder ({e})", where=str(root),
-                              fix="set data.cache_dir to a folder you can write") from None
+            raise KScaleError(
+                f"cannot create the data cache folder ({e})",
+                where=str(root),
+                fix="set data.cache_dir to a folder you can write",
+            ) from None
         return root
     base = Path(os.environ.get("TMPDIR") or "/tmp").absolute()
     name = f"kscale-data-cache-{os.getuid()}"
@@ -120,13 +137,19 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
         except FileExistsError:
             pass
         except OSError as e:
-            raise KScaleError(f"cannot create the data cache folder ({e})", where=str(root),
-                              fix="set data.cache_dir (or TMPDIR) to a folder you can write") from None
+            raise KScaleError(
+                f"cannot create the data cache folder ({e})",
+                where=str(root),
+                fix="set data.cache_dir (or TMPDIR) to a folder you can write",
+            ) from None
         st = root.lstat()
         if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
             return root
-    raise KScaleError("no usable data cache folder: all are taken by other users", where=str(base / name),
-                      fix="set data.cache_dir to a folder of your own")
+    raise KScaleError(
+        "no usable data cache folder: all are taken by other users",
+        where=str(base / name),
+        fix="set data.cache_dir to a folder of your own",
+    )
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(b|kb|mb|gb|tb|pb)?\s*$", re.IGNORECASE)
@@ -150,15 +173,19 @@ def parse_cache_limit(limit, root: Path | None = None) -> int | None:
             raise ValueError
         return int(float(m.group(1)) * _UNITS[m.group(2) and m.group(2).lower()])
     except ValueError:
-        raise KScaleError(f"data.cache_limit={limit!r} is not a size", where="data.cache_limit",
-                          fix='use a percentage of the cache filesystem ("50%"), a size ("200gb") or null') from None
+        raise KScaleError(
+            f"data.cache_limit={limit!r} is not a size",
+            where="data.cache_limit",
+            fix='use a percentage of the cache filesystem ("50%"), a size ("200gb") or null',
+        ) from None
 
 
 class _CachePin:
     """A shared lock on one copy in the node cache, held while a loader may read it (eviction skips it)."""
 
     def __init__(self, fd: int, path: Path):
-        self.fd, self.path = fd, path
+        self.fd: int | None = fd
+        self.path = path
 
     def close(self) -> None:
         if self.fd is not None:
@@ -193,8 +220,11 @@ def _copy_is_complete(entry: Path, fingerprint: str) -> bool:
     deleted old files)."""
     try:
         meta = json.loads((entry / _MARKER).read_text())
-        return (meta.get("format") == CACHE_FORMAT and meta.get("fingerprint") == fingerprint
-                and all((entry / name).stat().st_size == size for name, size in meta["files"].items()))
+        return (
+            meta.get("format") == CACHE_FORMAT
+            and meta.get("fingerprint") == fingerprint
+            and all((entry / name).stat().st_size == size for name, size in meta["files"].items())
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -212,8 +242,9 @@ def _discard(root: Path, path: Path) -> None:
 def _write_copy(root: Path, key: str, split_dir: Path, fingerprint: str) -> None:
     """Called under the copy's write lock: no one else is writing it."""
     from .integrity import verify_split
-    verify_split(split_dir)             # sizes and SHA-256 of the shards vs the manifest: once per node copy
-    for stale in root.glob(f".{key}.tmp-*"):              # a writer killed midway
+
+    verify_split(split_dir)  # sizes and SHA-256 of the shards vs the manifest: once per node copy
+    for stale in root.glob(f".{key}.tmp-*"):  # a writer killed midway
         shutil.rmtree(stale, ignore_errors=True)
     entry = root / key
     if entry.exists():
@@ -222,8 +253,15 @@ def _write_copy(root: Path, key: str, split_dir: Path, fingerprint: str) -> None
     tmp.mkdir()
     try:
         files = write_uncompressed_copy(split_dir, tmp)
-        meta = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "source": str(split_dir), "files": files,
-                "bytes": sum(files.values()), "created": time.time(), "host": socket.gethostname()}
+        meta = {
+            "format": CACHE_FORMAT,
+            "fingerprint": fingerprint,
+            "source": str(split_dir),
+            "files": files,
+            "bytes": sum(files.values()),
+            "created": time.time(),
+            "host": socket.gethostname(),
+        }
         (tmp / _MARKER).write_text(json.dumps(meta, indent=1) + "\n")
         os.rename(tmp, entry)
     except BaseException:
@@ -237,8 +275,11 @@ def _flock(fd: int, op: int, path: Path) -> None:
     except OSError as e:
         if isinstance(e, BlockingIOError):
             raise
-        raise KScaleError(f"the data cache's file system refuses locks ({e})", where=str(path),
-                          fix="set data.cache_dir to a node-local folder (e.g. under /tmp or local scratch)") from None
+        raise KScaleError(
+            f"the data cache's file system refuses locks ({e})",
+            where=str(path),
+            fix="set data.cache_dir to a node-local folder (e.g. under /tmp or local scratch)",
+        ) from None
 
 
 def cached_split(root: Path, split_dir: Path, manifest: Path) -> tuple[Path, _CachePin]:
@@ -257,7 +298,7 @@ def cached_split(root: Path, split_dir: Path, manifest: Path) -> tuple[Path, _Ca
         fd = open_lock_file(use_lock)
         try:
             _flock(fd, fcntl.LOCK_SH, use_lock)
-            if not _same_file(fd, use_lock):                 # evicted meanwhile: again
+            if not _same_file(fd, use_lock):  # evicted meanwhile: again
                 os.close(fd)
                 continue
             if not _copy_is_complete(entry, fingerprint):
@@ -268,10 +309,10 @@ def cached_split(root: Path, split_dir: Path, manifest: Path) -> tuple[Path, _Ca
                         _write_copy(root, key, split_dir, fingerprint)
                 finally:
                     os.close(wfd)
-                if not _copy_is_complete(entry, fingerprint):   # the write lock was replaced: again
+                if not _copy_is_complete(entry, fingerprint):  # the write lock was replaced: again
                     os.close(fd)
                     continue
-            with contextlib.suppress(OSError):               # last use: eviction goes by it
+            with contextlib.suppress(OSError):  # last use: eviction goes by it
                 os.utime(entry / _MARKER)
             return entry, _CachePin(fd, entry)
         except BaseException:
@@ -315,12 +356,12 @@ def enforce_cache_limit(root: Path, limit: int | None, keep=()) -> list[str]:
         if entry.name in keep:
             continue
         use_lock, write_lock = root / f"{entry.name}.lock", root / f"{entry.name}.write.lock"
-        fd = _try_exclusive(use_lock)                        # no reader, and no writer (it reads too)
+        fd = _try_exclusive(use_lock)  # no reader, and no writer (it reads too)
         if fd is None:
             continue
         try:
             _discard(root, entry)
-            for lock in (write_lock, use_lock):              # waiting openers see another file: again
+            for lock in (write_lock, use_lock):  # waiting openers see another file: again
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(lock)
         finally:
@@ -328,8 +369,11 @@ def enforce_cache_limit(root: Path, limit: int | None, keep=()) -> list[str]:
         total -= size
         evicted.append(entry.name)
     if total > limit:
-        warnings.warn(f"the data cache {root} holds {total:,} bytes in copies in use, over data.cache_limit "
-                      f"({limit:,} bytes); nothing else can go", stacklevel=2)
+        warnings.warn(
+            f"the data cache {root} holds {total:,} bytes in copies in use, over data.cache_limit "
+            f"({limit:,} bytes); nothing else can go",
+            stacklevel=2,
+        )
     return evicted
 
 
@@ -383,7 +427,7 @@ class TokenLoader:
     def __init__(self, loader, dataset, split: str, dp_rank: int, dp_size: int, pins=()):
         self.loader, self.dataset, self.split = loader, dataset, split
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.cache_pins = list(pins)              # shared locks on the node-cache copies it reads
+        self.cache_pins = list(pins)  # shared locks on the node-cache copies it reads
 
     def __iter__(self):
         with data_parallel_world(self.dp_rank, self.dp_size):
@@ -406,17 +450,29 @@ class TokenLoader:
             self.loader.load_state_dict(state)
 
 
-def build_loader(sources: list[DataSource | str], split: str, *, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int = 1234, shuffle: bool = True, cache_dir: str | Path | None = None,
-                 num_workers: int = 0, num_canonical_nodes: int | None = None, tokenizer_fingerprint=None,
-                 vocab_size: int | None = None, seq_len: int | None = None,
-                 cache_limit: str | int | None = DEFAULT_CACHE_LIMIT) -> TokenLoader:
+def build_loader(
+    sources: list[DataSource] | list[DataSource | str],
+    split: str,
+    *,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    seed: int = 1234,
+    shuffle: bool = True,
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+    num_canonical_nodes: int | None = None,
+    tokenizer_fingerprint=None,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+    cache_limit: str | int | None = DEFAULT_CACHE_LIMIT,
+) -> TokenLoader:
     """A loader for this data-parallel rank over one or more prepared datasets (mixed by proportion).
 
     The shards come from the node cache (module docstring) under `cache_dir` (None: this user's default
     root), bounded by `cache_limit`. Any process may call it at any time: no collective, no local rank."""
     streaming = import_streaming()
-    sources = [DataSource(s) if isinstance(s, (str, Path)) else s for s in sources]
+    sources = [DataSource(s) if isinstance(s, (str, Path)) else s for s in sources]  # type: ignore[arg-type]  # paths welcome too
     if not sources:
         raise KScaleError("no data sources given", where="data.sources")
     if not 0 <= dp_rank < dp_size:
@@ -424,18 +480,29 @@ def build_loader(sources: list[DataSource | str], split: str, *, micro_batch_siz
     split_dirs = []
     for src in sources:
         manifest = read_manifest(src.path)
-        check_manifest(manifest, tokenizer_fingerprint=tokenizer_fingerprint, vocab_size=vocab_size,
-                       seq_len=seq_len, where=str(src.path))
+        check_manifest(
+            manifest,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            vocab_size=vocab_size,
+            seq_len=seq_len,
+            where=str(src.path),
+        )
         if manifest["splits"].get(split, {}).get("samples", 0) == 0:
-            raise KScaleError(f"the dataset has no {split!r} samples", where=str(src.path),
-                              fix="prepare it with --val-input or --val-fraction" if split == "val" else None)
+            raise KScaleError(
+                f"the dataset has no {split!r} samples",
+                where=str(src.path),
+                fix="prepare it with --val-input or --val-fraction" if split == "val" else None,
+            )
         split_dirs.append((Path(src.path) / split).resolve())
     if len(set(split_dirs)) < len(split_dirs):
-        raise KScaleError("a dataset is listed twice", where=", ".join(str(s.path) for s in sources),
-                          fix="list each dataset once; its proportion sets its weight")
+        raise KScaleError(
+            "a dataset is listed twice",
+            where=", ".join(str(s.path) for s in sources),
+            fix="list each dataset once; its proportion sets its weight",
+        )
     root = cache_root(cache_dir)
     limit = parse_cache_limit(cache_limit, root)
-    fallback_lock = str(root / "streaming-prefix.lock")     # when the machine-wide lock cannot be opened
+    fallback_lock = str(root / "streaming-prefix.lock")  # when the machine-wide lock cannot be opened
     clean_stale_shared_memory(lock_path=PREFIX_LOCK, fallback_lock=fallback_lock)
     clean_cache_leftovers(root)
     pins, streams = [], []
@@ -453,13 +520,24 @@ def build_loader(sources: list[DataSource | str], split: str, *, micro_batch_siz
     for attempt in range(3):
         try:
             with data_parallel_world(dp_rank, dp_size), process_local_construction(PREFIX_LOCK, fallback_lock):
-                dataset = dataset_cls(streams=streams, shuffle=shuffle, shuffle_seed=seed, batch_size=micro_batch_size,
-                                      num_canonical_nodes=num_canonical_nodes or dp_size, shuffle_algo="py1e")
+                dataset = dataset_cls(
+                    streams=streams,
+                    shuffle=shuffle,
+                    shuffle_seed=seed,
+                    batch_size=micro_batch_size,
+                    num_canonical_nodes=num_canonical_nodes or dp_size,
+                    shuffle_algo="py1e",
+                )
             break
-        except FileExistsError:       # another user's process took the same shared-memory prefix meanwhile
+        except FileExistsError:  # another user's process took the same shared-memory prefix meanwhile
             if attempt == 2:
                 raise
-    loader = streaming.StreamingDataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
-                                           collate_fn=_collate, drop_last=True,
-                                           persistent_workers=num_workers > 0)
+    loader = streaming.StreamingDataLoader(
+        dataset,
+        batch_size=micro_batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+    )
     return TokenLoader(loader, dataset, split, dp_rank, dp_size, pins)

@@ -16,6 +16,7 @@ and the shards); any other file in the folder is kept (hard-linked into the new 
 a crash at any moment still leaves every one of them in place). A folder with other files and no dataset, or
 with a manifest.json that is not a kscale dataset's, is refused.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -41,7 +42,7 @@ PARQUET_SUFFIXES = (".parquet",)
 MANIFEST = "manifest.json"
 FORMAT = "kscale-tokens-v1"
 SPLITS = ("train", "val")
-_SHARD_NAME = re.compile(r"^shard\.\d{5}\.mds(\.zstd)?$")      # what streaming's MDSWriter names the shards
+_SHARD_NAME = re.compile(r"^shard\.\d{5}\.mds(\.zstd)?$")  # what streaming's MDSWriter names the shards
 
 
 @dataclass
@@ -73,8 +74,11 @@ def list_inputs(inputs: list[str | Path]) -> list[Path]:
             files += sorted(f for f in p.rglob("*") if f.is_file() and _kind(f))
         elif p.is_file():
             if _kind(p) is None:
-                raise KScaleError(f"unsupported input file type: {p.name}", where=str(p),
-                                  fix="give .txt/.md text, .jsonl(.gz/.zst) with a text field, or .parquet")
+                raise KScaleError(
+                    f"unsupported input file type: {p.name}",
+                    where=str(p),
+                    fix="give .txt/.md text, .jsonl(.gz/.zst) with a text field, or .parquet",
+                )
             files.append(p)
         else:
             raise KScaleError("input not found", where=str(p), fix="check the path")
@@ -85,9 +89,11 @@ def _decode(raw: bytes, path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise KScaleError(f"not valid UTF-8 at byte offset {e.start}", where=str(path),
-                          fix="convert the file to UTF-8, or pass --skip-bad to skip such files (they are counted)"
-                          ) from None
+        raise KScaleError(
+            f"not valid UTF-8 at byte offset {e.start}",
+            where=str(path),
+            fix="convert the file to UTF-8, or pass --skip-bad to skip such files (they are counted)",
+        ) from None
 
 
 def read_documents(path: Path, text_field: str = "text") -> list[str]:
@@ -103,6 +109,7 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
             raw = gzip.decompress(raw)
         elif name.endswith(".zst"):
             import zstd
+
             raw = zstd.decompress(raw)
     except Exception as e:
         raise KScaleError(f"cannot decompress input ({e})", where=str(path), fix="check the file is complete") from None
@@ -123,11 +130,17 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
                 obj = json.loads(line)
                 text = obj[text_field]
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise KScaleError(f"line {lineno} (byte offset {offset}) is not valid JSON ({e})",
-                                  where=str(path), fix="fix the line, or pass --skip-bad") from None
+                raise KScaleError(
+                    f"line {lineno} (byte offset {offset}) is not valid JSON ({e})",
+                    where=str(path),
+                    fix="fix the line, or pass --skip-bad",
+                ) from None
             except (KeyError, TypeError):
-                raise KScaleError(f"line {lineno} (byte offset {offset}) has no {text_field!r} field",
-                                  where=str(path), fix="pass --text-field NAME") from None
+                raise KScaleError(
+                    f"line {lineno} (byte offset {offset}) has no {text_field!r} field",
+                    where=str(path),
+                    fix="pass --text-field NAME",
+                ) from None
             if isinstance(text, str) and text:
                 docs.append(text)
         offset += len(line) + 1
@@ -141,6 +154,7 @@ _TOKENIZER = None
 def _init_worker(tokenizer_path: str) -> None:
     global _TOKENIZER
     from ..tokenizer import load_tokenizer
+
     _TOKENIZER = load_tokenizer(tokenizer_path)
 
 
@@ -152,6 +166,7 @@ def _tokenize_file(job: tuple[str, str, bool]) -> tuple[str, list[np.ndarray], i
         if skip_bad:
             return path, [], 0, str(e)
         raise
+    assert _TOKENIZER is not None, "the worker initializer loads the tokenizer"
     arrays = [np.asarray(_TOKENIZER.encode(d), dtype=np.uint32) for d in docs]
     return path, arrays, sum(len(d.encode("utf-8")) for d in docs), None
 
@@ -162,16 +177,16 @@ class SamplePacker:
 
     def __init__(self, seq_len: int, write):
         self.seq_len, self.write = seq_len, write
-        self.buffer = np.zeros(0, dtype=np.uint32)
+        self.buffer: np.ndarray = np.zeros(0, dtype=np.uint32)
         self.samples = 0
 
     def add(self, tokens: np.ndarray) -> None:
         self.buffer = np.concatenate([self.buffer, tokens])
         n = (len(self.buffer) - 1) // self.seq_len
         for k in range(n):
-            self.write(self.buffer[k * self.seq_len: k * self.seq_len + self.seq_len + 1])
+            self.write(self.buffer[k * self.seq_len : k * self.seq_len + self.seq_len + 1])
         self.samples += n
-        self.buffer = self.buffer[n * self.seq_len:]
+        self.buffer = self.buffer[n * self.seq_len :]
 
     def leftover(self) -> int:
         return max(len(self.buffer) - 1, 0)
@@ -194,8 +209,11 @@ def _own_files(out_dir: Path, manifest: dict) -> set[str]:
         split_dir = out_dir / split
         if not split_dir.is_dir() or split_dir.is_symlink():
             continue
-        names = {INDEX} | {r["file"] for r in (manifest.get("splits") or {}).get(split, {}).get("files", [])
-                          if isinstance(r, dict) and isinstance(r.get("file"), str)}
+        names = {INDEX} | {
+            r["file"]
+            for r in (manifest.get("splits") or {}).get(split, {}).get("files", [])
+            if isinstance(r, dict) and isinstance(r.get("file"), str)
+        }
         try:
             names |= set(split_files(split_dir))
         except (OSError, ValueError, KeyError, TypeError):
@@ -237,31 +255,44 @@ def foreign_files(out_dir: str | Path) -> list[str]:
 def _check_out(out_dir: Path, overwrite: bool) -> None:
     """--out must be a new folder, an empty one, or (with --overwrite) a dataset of ours."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise KScaleError("--out is a file, not a folder", where=str(out_dir),
-                          fix="give a folder for the dataset (created if missing), or move the file away")
+        raise KScaleError(
+            "--out is a file, not a folder",
+            where=str(out_dir),
+            fix="give a folder for the dataset (created if missing), or move the file away",
+        )
     if os.path.lexists(out_dir) and not out_dir.exists():
-        raise KScaleError("--out is a symbolic link to nothing", where=f"{out_dir} -> {os.readlink(out_dir)}",
-                          fix="give a folder for the dataset (created if missing), or remove the link")
+        raise KScaleError(
+            "--out is a symbolic link to nothing",
+            where=f"{out_dir} -> {os.readlink(out_dir)}",
+            fix="give a folder for the dataset (created if missing), or remove the link",
+        )
     for parent in out_dir.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise KScaleError(f"--out lies under {parent}, which is a file, not a folder", where=str(out_dir),
-                                  fix="give a folder path whose parents are folders")
+                raise KScaleError(
+                    f"--out lies under {parent}, which is a file, not a folder",
+                    where=str(out_dir),
+                    fix="give a folder path whose parents are folders",
+                )
             break
     if not out_dir.exists():
         return
     if (out_dir / MANIFEST).exists():
         if not overwrite:
-            raise KScaleError("the output folder already holds a dataset", where=str(out_dir),
-                              fix="choose another --out, or pass --overwrite to replace it (only the dataset's own "
-                                  "files are replaced; other files in the folder are kept)")
+            raise KScaleError(
+                "the output folder already holds a dataset",
+                where=str(out_dir),
+                fix="choose another --out, or pass --overwrite to replace it (only the dataset's own "
+                "files are replaced; other files in the folder are kept)",
+            )
         try:
             read_manifest(out_dir)
         except KScaleError as e:
-            raise KScaleError(f"--overwrite refused: the folder's manifest.json is not a kscale dataset's ({e.what})",
-                              where=str(out_dir / MANIFEST),
-                              fix="choose another --out; if it is an old dataset you no longer need, delete the "
-                                  "folder yourself") from None
+            raise KScaleError(
+                f"--overwrite refused: the folder's manifest.json is not a kscale dataset's ({e.what})",
+                where=str(out_dir / MANIFEST),
+                fix="choose another --out; if it is an old dataset you no longer need, delete the folder yourself",
+            ) from None
         return
     try:
         names = sorted(p.name for p in out_dir.iterdir())
@@ -269,8 +300,11 @@ def _check_out(out_dir: Path, overwrite: bool) -> None:
         raise KScaleError(f"cannot list the output folder ({e.strerror})", where=str(out_dir)) from None
     if names:
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise KScaleError(f"the output folder is not empty and is not a dataset (it holds {shown})", where=str(out_dir),
-                          fix="choose an empty or new --out; prepare-data never deletes files it did not write")
+        raise KScaleError(
+            f"the output folder is not empty and is not a dataset (it holds {shown})",
+            where=str(out_dir),
+            fix="choose an empty or new --out; prepare-data never deletes files it did not write",
+        )
 
 
 def _check_eod(tok, eod: int, model_vocab: int, given: bool, tokenizer) -> None:
@@ -278,21 +312,31 @@ def _check_eod(tok, eod: int, model_vocab: int, given: bool, tokenizer) -> None:
     real = tok.vocab_size
     top = min(real, model_vocab)
     name = f"--eod-id {eod}" if given else f"the end-of-document token id {eod}"
-    fix = (f"pass an id in 0..{top - 1}: the tokenizer's end-of-document token"
-           + (f" ({tok.eos_id})" if tok.eos_id is not None and tok.eos_id < top else "")
-           + " or another real token such as the newline")
+    fix = (
+        f"pass an id in 0..{top - 1}: the tokenizer's end-of-document token"
+        + (f" ({tok.eos_id})" if tok.eos_id is not None and tok.eos_id < top else "")
+        + " or another real token such as the newline"
+    )
     if eod < 0:
         raise KScaleError(f"{name} is negative; valid ids are 0..{top - 1}", where="--eod-id", fix=fix)
     if eod >= real:
-        what = (f"{name} is not a token: the tokenizer has {real:,} ids (valid: 0..{real - 1}); ids from {real:,} "
-                f"up are only the model's vocabulary padding (rows that never train) or outside its table")
+        what = (
+            f"{name} is not a token: the tokenizer has {real:,} ids (valid: 0..{real - 1}); ids from {real:,} "
+            f"up are only the model's vocabulary padding (rows that never train) or outside its table"
+        )
         raise KScaleError(what, where=f"--eod-id, tokenizer {tokenizer}", fix=fix)
     if eod >= model_vocab:
-        raise KScaleError(f"{name} is >= the model's vocabulary size {model_vocab} (--vocab-size); valid ids are "
-                          f"0..{top - 1}", where="--eod-id" if given else "--vocab-size", fix=fix)
+        raise KScaleError(
+            f"{name} is >= the model's vocabulary size {model_vocab} (--vocab-size); valid ids are 0..{top - 1}",
+            where="--eod-id" if given else "--vocab-size",
+            fix=fix,
+        )
     if not tok.exact_bytes()[eod]:
-        raise KScaleError(f"{name} is an unused id of the tokenizer (it has no bytes); valid ids are 0..{top - 1}, "
-                          f"except such holes", where=f"--eod-id, tokenizer {tokenizer}", fix=fix)
+        raise KScaleError(
+            f"{name} is an unused id of the tokenizer (it has no bytes); valid ids are 0..{top - 1}, except such holes",
+            where=f"--eod-id, tokenizer {tokenizer}",
+            fix=fix,
+        )
 
 
 def _keep_foreign(old: Path, new: Path, manifest: dict) -> list[str]:
@@ -308,9 +352,12 @@ def _keep_foreign(old: Path, new: Path, manifest: dict) -> list[str]:
             kept.append(rel + "/")
             continue
         if os.path.lexists(dst):
-            raise KScaleError(f"--overwrite refused: {rel} in the output folder is not part of the old dataset and "
-                              f"has the name of a file of the new one; nothing was changed", where=str(src),
-                              fix="move the file out of the folder, then run again")
+            raise KScaleError(
+                f"--overwrite refused: {rel} in the output folder is not part of the old dataset and "
+                f"has the name of a file of the new one; nothing was changed",
+                where=str(src),
+                fix="move the file out of the folder, then run again",
+            )
         try:
             if not dst.parent.exists():
                 dst.parent.mkdir(parents=True)
@@ -320,53 +367,76 @@ def _keep_foreign(old: Path, new: Path, manifest: dict) -> list[str]:
             else:
                 os.link(src, dst)
         except OSError as e:
-            raise KScaleError(f"--overwrite cannot keep {rel}, a file in the output folder that prepare-data did not "
-                              f"write (hard link: {e.strerror}); nothing was changed", where=str(src),
-                              fix="move the other files out of the folder, then run again") from None
+            raise KScaleError(
+                f"--overwrite cannot keep {rel}, a file in the output folder that prepare-data did not "
+                f"write (hard link: {e.strerror}); nothing was changed",
+                where=str(src),
+                fix="move the other files out of the folder, then run again",
+            ) from None
         kept.append(rel)
     return kept
 
 
-def prepare_data(tokenizer: str | Path, inputs: list, out_dir: str | Path, seq_len: int, *,
-                 val_inputs: list | None = None, val_fraction: float = 0.0, text_field: str = "text",
-                 workers: int | None = None, overwrite: bool = False, skip_bad: bool = False,
-                 vocab_size: int | None = None, shard_size: str = "64mb", eod_id: int | None = None,
-                 progress=None) -> dict:
+def prepare_data(
+    tokenizer: str | Path,
+    inputs: list,
+    out_dir: str | Path,
+    seq_len: int,
+    *,
+    val_inputs: list | None = None,
+    val_fraction: float = 0.0,
+    text_field: str = "text",
+    workers: int | None = None,
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    vocab_size: int | None = None,
+    shard_size: str = "64mb",
+    eod_id: int | None = None,
+    progress=None,
+) -> dict:
     """Tokenize `inputs` into MDS shards under out_dir/{train,val}; returns the manifest."""
     from ..tokenizer import load_tokenizer
     from .streaming_adapter import import_streaming
+
     out_dir = Path(out_dir).absolute()
     if out_dir.is_symlink() and out_dir.is_dir():
-        out_dir = out_dir.resolve()                       # write where the link points; the link stays
+        out_dir = out_dir.resolve()  # write where the link points; the link stays
     if seq_len < 1:
         raise KScaleError(f"seq_len must be >= 1, got {seq_len}", where="--seq-len")
     _check_out(out_dir, overwrite)
     tok = load_tokenizer(tokenizer)
     eod = tok.eos_id if eod_id is None else eod_id
     if eod is None:
-        raise KScaleError("the tokenizer has no end-of-document token", where=str(tokenizer),
-                          fix="pass --eod-id ID")
+        raise KScaleError("the tokenizer has no end-of-document token", where=str(tokenizer), fix="pass --eod-id ID")
     model_vocab = vocab_size or tok.vocab_size
     _check_eod(tok, int(eod), model_vocab, eod_id is not None, tokenizer)
     splits = {"train": list_inputs(inputs)}
     if val_inputs:
         splits["val"] = list_inputs(val_inputs)
     if not splits["train"]:
-        raise KScaleError("no input files found", where=", ".join(map(str, inputs)),
-                          fix="give text files, folders of them, .jsonl(.gz/.zst) or .parquet")
+        raise KScaleError(
+            "no input files found",
+            where=", ".join(map(str, inputs)),
+            fix="give text files, folders of them, .jsonl(.gz/.zst) or .parquet",
+        )
     streaming = import_streaming()
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
     except OSError as e:
-        raise KScaleError(f"cannot create a folder next to the output folder ({e.strerror})", where=str(tmp),
-                          fix="give an --out in a folder you can write") from None
+        raise KScaleError(
+            f"cannot create a folder next to the output folder ({e.strerror})",
+            where=str(tmp),
+            fix="give an --out in a folder you can write",
+        ) from None
     stats = PrepareStats()
     t0 = time.perf_counter()
     columns = {"tokens": f"ndarray:uint32:{seq_len + 1}"}
-    writers = {name: streaming.MDSWriter(out=str(tmp / name), columns=columns, compression="zstd",
-                                         size_limit=shard_size) for name in ("train", "val")}
+    writers = {
+        name: streaming.MDSWriter(out=str(tmp / name), columns=columns, compression="zstd", size_limit=shard_size)
+        for name in ("train", "val")
+    }
     packers = {name: SamplePacker(seq_len, lambda s, w=w: w.write({"tokens": s})) for name, w in writers.items()}
     tokens_per_split = {"train": 0, "val": 0}
     sources = []
@@ -381,12 +451,18 @@ def prepare_data(tokenizer: str | Path, inputs: list, out_dir: str | Path, seq_l
                         continue
                     for i, ids in enumerate(arrays):
                         if len(ids) and int(ids.max()) >= model_vocab:
-                            raise KScaleError(f"token id {int(ids.max())} is >= the model's vocabulary size "
-                                              f"{model_vocab}", where=f"{path}, document {i}",
-                                              fix="use the model's tokenizer, or raise --vocab-size")
-                        doc = np.append(ids, np.uint32(eod))
-                        target = "val" if split_name == "val" or (
-                            split_name == "train" and val_fraction and _validation_doc(path, i, val_fraction)) else "train"
+                            raise KScaleError(
+                                f"token id {int(ids.max())} is >= the model's vocabulary size {model_vocab}",
+                                where=f"{path}, document {i}",
+                                fix="use the model's tokenizer, or raise --vocab-size",
+                            )
+                        doc: np.ndarray = np.append(ids, np.uint32(eod))
+                        target = (
+                            "val"
+                            if split_name == "val"
+                            or (split_name == "train" and val_fraction and _validation_doc(path, i, val_fraction))
+                            else "train"
+                        )
                         packers[target].add(doc)
                         tokens_per_split[target] += len(doc)
                         stats.documents += 1
@@ -397,7 +473,7 @@ def prepare_data(tokenizer: str | Path, inputs: list, out_dir: str | Path, seq_l
                         progress(path, stats)
         for w in writers.values():
             w.finish()
-        records = {name: file_records(tmp / name) for name in packers}   # sizes and SHA-256: the loader checks them
+        records = {name: file_records(tmp / name) for name in packers}  # sizes and SHA-256: the loader checks them
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -406,15 +482,31 @@ def prepare_data(tokenizer: str | Path, inputs: list, out_dir: str | Path, seq_l
         raise KScaleError("the inputs hold no text", where=", ".join(map(str, inputs)))
     seconds = time.perf_counter() - t0
     manifest = {
-        "format": FORMAT, "tokenizer": str(tok.path), "tokenizer_format": tok.format,
-        "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eod_id": int(eod),
-        "seq_len": seq_len, "sample_tokens": seq_len + 1, "dtype": "uint32",
-        "splits": {name: {"samples": packers[name].samples, "tokens": tokens_per_split[name],
-                          "dropped_tail_tokens": packers[name].leftover(), "files": records[name]}
-                   for name in packers},
-        "documents": stats.documents, "bytes_read": stats.bytes_read, "sources": sources,
-        "skipped_files": stats.skipped_files, "seconds": round(seconds, 3),
-        "tokens_per_second": round(stats.tokens / max(seconds, 1e-9)), "workers": workers,
+        "format": FORMAT,
+        "tokenizer": str(tok.path),
+        "tokenizer_format": tok.format,
+        "tokenizer_fingerprint": tok.fingerprint,
+        "vocab_size": tok.vocab_size,
+        "eod_id": int(eod),
+        "seq_len": seq_len,
+        "sample_tokens": seq_len + 1,
+        "dtype": "uint32",
+        "splits": {
+            name: {
+                "samples": packers[name].samples,
+                "tokens": tokens_per_split[name],
+                "dropped_tail_tokens": packers[name].leftover(),
+                "files": records[name],
+            }
+            for name in packers
+        },
+        "documents": stats.documents,
+        "bytes_read": stats.bytes_read,
+        "sources": sources,
+        "skipped_files": stats.skipped_files,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(stats.tokens / max(seconds, 1e-9)),
+        "workers": workers,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
@@ -428,7 +520,7 @@ def prepare_data(tokenizer: str | Path, inputs: list, out_dir: str | Path, seq_l
             tmp.rename(out_dir)
         except BaseException:
             if old.exists() and not out_dir.exists():
-                old.rename(out_dir)                        # put the previous folder back
+                old.rename(out_dir)  # put the previous folder back
             raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -440,8 +532,9 @@ def prepare_data(tokenizer: str | Path, inputs: list, out_dir: str | Path, seq_l
 def read_manifest(data_dir: str | Path) -> dict:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
-        raise KScaleError("no manifest.json: not a prepared dataset", where=str(data_dir),
-                          fix="create it with `kscale prepare-data`")
+        raise KScaleError(
+            "no manifest.json: not a prepared dataset", where=str(data_dir), fix="create it with `kscale prepare-data`"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -27,6 +27,7 @@ the uncompressed copy of a dataset that the node's data cache holds.
   `streaming.base.util.clean_stale_shared_memory` unlinks every segment of the machine, those of live
   jobs included, and stops at the first unused prefix.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,6 +59,7 @@ def import_streaming():
         except Exception:
             sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
     import streaming
+
     return streaming
 
 
@@ -81,6 +83,7 @@ class _NoDist:
 
     def __getattr__(self, name):
         import torch.distributed as dist
+
         return getattr(dist, name)
 
     @staticmethod
@@ -107,11 +110,12 @@ def open_lock_file(path) -> int:
             except PermissionError as e:
                 denied = e
         else:
+            assert denied is not None  # the loop ends early unless every candidate was denied
             raise denied
         try:
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except FileExistsError:
-            continue                     # created meanwhile by another process: open it
+            continue  # created meanwhile by another process: open it
     raise OSError(errno.EAGAIN, "lock file keeps appearing and disappearing", path)
 
 
@@ -128,7 +132,7 @@ def exclusive_lock(path, fallback=None):
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)                     # releases the lock
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager
@@ -136,6 +140,7 @@ def process_local_construction(lock_path: str = PREFIX_LOCK, fallback_lock: str 
     """Build a dataset as if torch.distributed were not initialized, one process of the machine at a time."""
     import streaming.base.dataset as ds_mod
     import streaming.base.shared.prefix as prefix_mod
+
     saved = (ds_mod.dist, prefix_mod.dist, ds_mod.maybe_init_dist)
     with exclusive_lock(lock_path, fallback_lock):
         ds_mod.dist, prefix_mod.dist = _NoDist(), _NoDist()
@@ -150,8 +155,10 @@ def process_local_construction(lock_path: str = PREFIX_LOCK, fallback_lock: str 
 def _shm_patterns():
     import_streaming()
     from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
+
     def names(alternatives) -> str:
         return "|".join(map(re.escape, alternatives))
+
     segment = re.compile(rf"^(\d{{6}})_({names(SHM_TO_CLEAN)})$")
     filelock = re.compile(rf"^(\d{{6}})_({names((BARRIER_FILELOCK, CACHE_FILELOCK))})$")
     return segment, filelock
@@ -161,7 +168,7 @@ def _mapped_shm_names() -> set[str]:
     """Names of the /dev/shm files that live processes map, read from /proc/*/maps. A process whose maps
     cannot be read (another user's, or a non-dumpable one such as a container's init) is passed over: a
     process using streaming can always read its own user's Python processes."""
-    names = set()
+    names: set[str] = set()
     pattern = re.compile(rb"/dev/shm/(\S+)")
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -169,14 +176,15 @@ def _mapped_shm_names() -> set[str]:
         try:
             with open(f"/proc/{pid}/maps", "rb") as f:
                 data = f.read()
-        except OSError:                  # not readable, or the process ended meanwhile
+        except OSError:  # not readable, or the process ended meanwhile
             continue
         names.update(m.decode(errors="replace") for m in pattern.findall(data))
     return names
 
 
-def clean_stale_shared_memory(*, min_age_s: float = 60.0, lock_path: str = PREFIX_LOCK,
-                              fallback_lock: str | None = None) -> list[str]:
+def clean_stale_shared_memory(
+    *, min_age_s: float = 60.0, lock_path: str = PREFIX_LOCK, fallback_lock: str | None = None
+) -> list[str]:
     """Remove what killed streaming runs of this user left on this machine; returns the names removed.
 
     A /dev/shm segment with streaming's naming (`NNNNNN_locals`, `NNNNNN_barrier`, ...) goes when this user
@@ -189,7 +197,8 @@ def clean_stale_shared_memory(*, min_age_s: float = 60.0, lock_path: str = PREFI
     if not (os.path.isdir("/proc/self") and os.path.isdir(SHM_DIR)):
         return []
     segment, filelock = _shm_patterns()
-    uid, now, removed = os.getuid(), time.time(), []
+    uid, now = os.getuid(), time.time()
+    removed: list[str] = []
     tmp = tempfile.gettempdir()
 
     def ours_and_old(path) -> bool:
@@ -235,12 +244,14 @@ def write_uncompressed_copy(src: Path, out: Path) -> dict[str, int]:
     an index.json that says so. Same shards, same samples, same order. Returns {file name: bytes}."""
     import_streaming()
     from streaming.base.compression import decompress
+
     src, out = Path(src), Path(out)
     try:
         index = json.loads((src / "index.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise KScaleError(f"unreadable MDS index ({e})", where=str(src / "index.json"),
-                          fix="prepare the dataset again") from None
+        raise KScaleError(
+            f"unreadable MDS index ({e})", where=str(src / "index.json"), fix="prepare the dataset again"
+        ) from None
     if index.get("version") != 2:
         raise KScaleError(f"unsupported MDS index version {index.get('version')!r}", where=str(src / "index.json"))
     files = {}
@@ -255,13 +266,18 @@ def write_uncompressed_copy(src: Path, out: Path) -> dict[str, int]:
         if zipped and algo:
             try:
                 data = decompress(algo, data)
-            except Exception as e:        # zstd's own error types; a damaged shard of an older dataset
-                raise KScaleError(f"shard {zipped['basename']} is damaged: {algo} cannot decompress it ({e})",
-                                  where=str(src / zipped["basename"]),
-                                  fix="copy the dataset again, or prepare it again with --overwrite") from None
+            except Exception as e:  # zstd's own error types; a damaged shard of an older dataset
+                raise KScaleError(
+                    f"shard {zipped['basename']} is damaged: {algo} cannot decompress it ({e})",
+                    where=str(src / zipped["basename"]),
+                    fix="copy the dataset again, or prepare it again with --overwrite",
+                ) from None
         if len(data) != raw["bytes"]:
-            raise KScaleError(f"shard {raw['basename']} has {len(data):,} bytes, its index says {raw['bytes']:,}",
-                              where=str(src), fix="prepare the dataset again")
+            raise KScaleError(
+                f"shard {raw['basename']} has {len(data):,} bytes, its index says {raw['bytes']:,}",
+                where=str(src),
+                fix="prepare the dataset again",
+            )
         (out / raw["basename"]).write_bytes(data)
         files[raw["basename"]] = len(data)
         shard["compression"], shard["zip_data"] = None, None

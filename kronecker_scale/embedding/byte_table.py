@@ -3,6 +3,7 @@
 Built once from the tokenizer (docs/design.md §3), saved beside every checkpoint with a fingerprint, and
 checked on load. About 4.5 MB at V = 131,072, P = 32.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,11 @@ FILE_FORMAT = "kscale-byte-table-v1"
 def check_pos_dim(pos_dim: int) -> int:
     # lengths are stored per id and positions index a 256 * P code; 255 keeps both in small ints
     if not isinstance(pos_dim, int) or isinstance(pos_dim, bool) or not 1 <= pos_dim <= 255:
-        raise KScaleError(f"pos_dim must be an integer in 1..255, got {pos_dim!r}",
-                          where="embedding.pos_dim", fix="use 16 (the paper's 124M runs) or 32 (default)")
+        raise KScaleError(
+            f"pos_dim must be an integer in 1..255, got {pos_dim!r}",
+            where="embedding.pos_dim",
+            fix="use 16 (the paper's 124M runs) or 32 (default)",
+        )
     return pos_dim
 
 
@@ -55,11 +59,11 @@ def _fingerprint(table: np.ndarray, lengths: np.ndarray, pos_dim: int, byte_sour
 class ByteTableStats:
     vocab_size: int
     pos_dim: int
-    coverage: float          # share of ids with L < pos_dim (the reference's rule: L == P counts as cut)
-    fits: float              # share of ids whose bytes were not cut (len <= pos_dim): the paper's figure
-    truncated: int           # ids whose bytes were actually cut (len > pos_dim)
-    empty: int               # ids with L == 0 (undefined ids, empty specials)
-    colliding_ids: int       # ids whose (bytes, L) row equals another id's
+    coverage: float  # share of ids with L < pos_dim (the reference's rule: L == P counts as cut)
+    fits: float  # share of ids whose bytes were not cut (len <= pos_dim): the paper's figure
+    truncated: int  # ids whose bytes were actually cut (len > pos_dim)
+    empty: int  # ids with L == 0 (undefined ids, empty specials)
+    colliding_ids: int  # ids whose (bytes, L) row equals another id's
     collision_groups: int
     length_histogram: dict[int, int] = field(default_factory=dict)
 
@@ -74,9 +78,18 @@ class ByteTable:
     the fingerprint covers. Padded rows have L = 0 and embed to zero.
     """
 
-    def __init__(self, table: torch.Tensor, lengths: torch.Tensor, pos_dim: int, *, byte_source: str,
-                 num_token_ids: int | None = None, tokenizer_fingerprint: str | None = None,
-                 source: str | None = None, full_lengths: np.ndarray | None = None):
+    def __init__(
+        self,
+        table: torch.Tensor,
+        lengths: torch.Tensor,
+        pos_dim: int,
+        *,
+        byte_source: str,
+        num_token_ids: int | None = None,
+        tokenizer_fingerprint: str | None = None,
+        source: str | None = None,
+        full_lengths: np.ndarray | None = None,
+    ):
         self.pos_dim = check_pos_dim(pos_dim)
         if table.dtype != torch.uint8 or table.dim() != 2 or table.shape[1] != pos_dim:
             raise KScaleError(f"byte table must be uint8 [V, {pos_dim}], got {tuple(table.shape)} {table.dtype}")
@@ -92,13 +105,21 @@ class ByteTable:
         self.source = source
         # untruncated byte lengths of the real ids (known when built from token bytes): for the stats
         self.full_lengths = full_lengths
-        self.fingerprint = _fingerprint(table[: self.num_token_ids].numpy(),
-                                        self.lengths[: self.num_token_ids].numpy(), pos_dim, byte_source)
+        self.fingerprint = _fingerprint(
+            table[: self.num_token_ids].numpy(), self.lengths[: self.num_token_ids].numpy(), pos_dim, byte_source
+        )
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
-    def from_token_bytes(cls, token_bytes: list[bytes], pos_dim: int = 32, *, byte_source: str = "exact",
-                         tokenizer_fingerprint: str | None = None, source: str | None = None) -> "ByteTable":
+    def from_token_bytes(
+        cls,
+        token_bytes: list[bytes],
+        pos_dim: int = 32,
+        *,
+        byte_source: str = "exact",
+        tokenizer_fingerprint: str | None = None,
+        source: str | None = None,
+    ) -> ByteTable:
         check_pos_dim(pos_dim)
         V = len(token_bytes)
         table: np.ndarray = np.zeros((V, pos_dim), dtype=np.uint8)
@@ -107,24 +128,39 @@ class ByteTable:
             b = utf8_safe_truncate(b, pos_dim)
             table[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
             lengths[i] = len(b)
-        return cls(torch.from_numpy(table), torch.from_numpy(lengths), pos_dim, byte_source=byte_source,
-                   tokenizer_fingerprint=tokenizer_fingerprint, source=source,
-                   full_lengths=np.fromiter((len(b) for b in token_bytes), dtype=np.int64, count=V))
+        return cls(
+            torch.from_numpy(table),
+            torch.from_numpy(lengths),
+            pos_dim,
+            byte_source=byte_source,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            source=source,
+            full_lengths=np.fromiter((len(b) for b in token_bytes), dtype=np.int64, count=V),
+        )
 
     @classmethod
-    def from_tokenizer(cls, path, pos_dim: int = 32, byte_source: str = "exact") -> "ByteTable":
+    def from_tokenizer(cls, path, pos_dim: int = 32, byte_source: str = "exact") -> ByteTable:
         """Build from a tokenizer file in any format `load_tokenizer` reads."""
         from ..tokenizer import load_tokenizer
+
         check_pos_dim(pos_dim)
         if byte_source not in BYTE_SOURCES:
-            raise KScaleError(f"unknown byte_source {byte_source!r}", where="embedding.byte_source",
-                              fix="use 'exact' (default) or 'decode' (reference-package parity)")
+            raise KScaleError(
+                f"unknown byte_source {byte_source!r}",
+                where="embedding.byte_source",
+                fix="use 'exact' (default) or 'decode' (reference-package parity)",
+            )
         tok = load_tokenizer(path)
-        return cls.from_token_bytes(tok.token_bytes(byte_source), pos_dim, byte_source=byte_source,
-                                    tokenizer_fingerprint=tok.fingerprint, source=str(tok.path))
+        return cls.from_token_bytes(
+            tok.token_bytes(byte_source),
+            pos_dim,
+            byte_source=byte_source,
+            tokenizer_fingerprint=tok.fingerprint,
+            source=str(tok.path),
+        )
 
     @classmethod
-    def from_arrays(cls, table, lengths, pos_dim: int, *, byte_source: str = "arrays") -> "ByteTable":
+    def from_arrays(cls, table, lengths, pos_dim: int, *, byte_source: str = "arrays") -> ByteTable:
         """Build from tensors or numpy arrays (uint8 [V, P], integer [V])."""
         table = torch.as_tensor(np.asarray(table) if not torch.is_tensor(table) else table)
         lengths = torch.as_tensor(np.asarray(lengths) if not torch.is_tensor(lengths) else lengths)
@@ -134,7 +170,7 @@ class ByteTable:
             table = table.to(torch.uint8)
         return cls(table.contiguous(), lengths.to(torch.int16), pos_dim, byte_source=byte_source)
 
-    def pad_to(self, multiple: int) -> "ByteTable":
+    def pad_to(self, multiple: int) -> ByteTable:
         """A table whose row count is a multiple of `multiple`; the added rows have L = 0."""
         if multiple < 1:
             raise KScaleError(f"pad multiple must be >= 1, got {multiple}")
@@ -143,11 +179,16 @@ class ByteTable:
         if padded == V:
             return self
         extra = padded - V
-        return ByteTable(torch.cat([self.bytes, self.bytes.new_zeros(extra, self.pos_dim)]),
-                         torch.cat([self.lengths, self.lengths.new_zeros(extra)]), self.pos_dim,
-                         byte_source=self.byte_source, num_token_ids=self.num_token_ids,
-                         tokenizer_fingerprint=self.tokenizer_fingerprint, source=self.source,
-                         full_lengths=self.full_lengths)
+        return ByteTable(
+            torch.cat([self.bytes, self.bytes.new_zeros(extra, self.pos_dim)]),
+            torch.cat([self.lengths, self.lengths.new_zeros(extra)]),
+            self.pos_dim,
+            byte_source=self.byte_source,
+            num_token_ids=self.num_token_ids,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
+            source=self.source,
+            full_lengths=self.full_lengths,
+        )
 
     # --- properties -----------------------------------------------------------------------
     @property
@@ -167,56 +208,82 @@ class ByteTable:
         _, inverse, counts = np.unique(rows[nonempty], axis=0, return_inverse=True, return_counts=True)
         colliding = int((counts[inverse.reshape(-1)] > 1).sum())
         return ByteTableStats(
-            vocab_size=n, pos_dim=self.pos_dim,
+            vocab_size=n,
+            pos_dim=self.pos_dim,
             coverage=float((lengths < self.pos_dim).mean()) if n else 1.0,
             fits=float((full <= self.pos_dim).mean()) if n else 1.0,
             truncated=int((full > self.pos_dim).sum()),
             empty=int((~nonempty).sum()),
-            colliding_ids=colliding, collision_groups=int((counts > 1).sum()),
+            colliding_ids=colliding,
+            collision_groups=int((counts > 1).sum()),
             length_histogram=dict(sorted(Counter(lengths.tolist()).items())),
         )
 
     # --- persistence ----------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
-        return {"format": FILE_FORMAT, "pos_dim": str(self.pos_dim), "byte_source": self.byte_source,
-                "num_token_ids": str(self.num_token_ids), "fingerprint": self.fingerprint,
-                "tokenizer_fingerprint": self.tokenizer_fingerprint or "", "source": self.source or ""}
+        return {
+            "format": FILE_FORMAT,
+            "pos_dim": str(self.pos_dim),
+            "byte_source": self.byte_source,
+            "num_token_ids": str(self.num_token_ids),
+            "fingerprint": self.fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint or "",
+            "source": self.source or "",
+        }
 
     def save(self, path: str | Path) -> Path:
         """Write a small safetensors file (atomically: temporary name, then rename)."""
         from safetensors.torch import save_file
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file({"bytes": self.bytes.contiguous(), "lengths": self.lengths.contiguous()}, str(tmp),
-                  metadata=self.metadata())
+        save_file(
+            {"bytes": self.bytes.contiguous(), "lengths": self.lengths.contiguous()}, str(tmp), metadata=self.metadata()
+        )
         os.replace(tmp, path)
         return path
 
     @classmethod
-    def load(cls, path: str | Path, expected_fingerprint: str | None = None) -> "ByteTable":
+    def load(cls, path: str | Path, expected_fingerprint: str | None = None) -> ByteTable:
         """Read a saved table; the stored fingerprint must match its content (and `expected_fingerprint`)."""
         from safetensors import safe_open
+
         path = Path(path)
         if not path.is_file():
-            raise KScaleError("byte table file not found", where=str(path),
-                              fix="point to the byte_table.safetensors saved with the checkpoint")
+            raise KScaleError(
+                "byte table file not found",
+                where=str(path),
+                fix="point to the byte_table.safetensors saved with the checkpoint",
+            )
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 table, lengths = f.get_tensor("bytes"), f.get_tensor("lengths")
         except Exception as e:
-            raise KScaleError(f"corrupt byte table file ({e})", where=str(path),
-                              fix="rebuild it from the tokenizer with `kscale byte-table`") from None
+            raise KScaleError(
+                f"corrupt byte table file ({e})",
+                where=str(path),
+                fix="rebuild it from the tokenizer with `kscale byte-table`",
+            ) from None
         if meta.get("format") != FILE_FORMAT:
             raise KScaleError(f"not a byte table file (format {meta.get('format')!r})", where=str(path))
-        t = cls(table, lengths, int(meta["pos_dim"]), byte_source=meta["byte_source"],
-                num_token_ids=int(meta["num_token_ids"]),
-                tokenizer_fingerprint=meta.get("tokenizer_fingerprint") or None, source=meta.get("source") or None)
+        t = cls(
+            table,
+            lengths,
+            int(meta["pos_dim"]),
+            byte_source=meta["byte_source"],
+            num_token_ids=int(meta["num_token_ids"]),
+            tokenizer_fingerprint=meta.get("tokenizer_fingerprint") or None,
+            source=meta.get("source") or None,
+        )
         if t.fingerprint != meta["fingerprint"]:
-            raise KScaleError(f"byte table content does not match its stored fingerprint "
-                              f"(stored {meta['fingerprint'][:16]}, content {t.fingerprint[:16]}): file damaged",
-                              where=str(path), fix="rebuild it from the tokenizer")
+            raise KScaleError(
+                f"byte table content does not match its stored fingerprint "
+                f"(stored {meta['fingerprint'][:16]}, content {t.fingerprint[:16]}): file damaged",
+                where=str(path),
+                fix="rebuild it from the tokenizer",
+            )
         if expected_fingerprint is not None:
             t.check_fingerprint(expected_fingerprint, where=str(path))
         return t
@@ -227,8 +294,11 @@ class ByteTable:
                 f"byte table fingerprint mismatch: expected {expected}, found {self.fingerprint}",
                 where=where or self.source,
                 fix="the tokenizer (or pos_dim / byte_source) differs from the one the model was trained with; "
-                    "use the tokenizer and settings saved in the checkpoint's config")
+                "use the tokenizer and settings saved in the checkpoint's config",
+            )
 
     def __repr__(self) -> str:
-        return (f"ByteTable(vocab_size={self.vocab_size}, pos_dim={self.pos_dim}, byte_source={self.byte_source!r}, "
-                f"fingerprint={self.fingerprint[:12]})")
+        return (
+            f"ByteTable(vocab_size={self.vocab_size}, pos_dim={self.pos_dim}, byte_source={self.byte_source!r}, "
+            f"fingerprint={self.fingerprint[:12]})"
+        )

@@ -12,6 +12,7 @@ L, so
 (an `embedding_bag` over the <= P valid rows per token): the CPU path of KroneckerEmbedding, the
 table that megatron's input layer and the exporters materialise, and what the probes embed with.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,7 @@ def scale_tables(
         sigma = math.sqrt(max(var, 0.0)) + eps
         alpha[L] = s / sigma
         beta[L] = -mu / sigma
-    return (torch.tensor(alpha, dtype=torch.float64).to(dtype),
-            torch.tensor(beta, dtype=torch.float64).to(dtype))
+    return (torch.tensor(alpha, dtype=torch.float64).to(dtype), torch.tensor(beta, dtype=torch.float64).to(dtype))
 
 
 def flat_codec_index(token_bytes: torch.Tensor) -> torch.Tensor:
@@ -69,8 +69,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def kronecker_embed_torch(token_bytes: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor,
-                          alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def kronecker_embed_torch(
+    token_bytes: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+) -> torch.Tensor:
     """Closed form for explicit bytes: uint8 [N, P], lengths [N], weight [D, d] -> [N, d] in weight dtype.
 
     alpha/beta are the [P + 1] scale tables (any float dtype; used in the compute dtype). `weight` may
@@ -82,13 +83,13 @@ def kronecker_embed_torch(token_bytes: torch.Tensor, lengths: torch.Tensor, weig
     w = weight.to(cdt)
     L = lengths.to(torch.int64)
     valid = torch.arange(P, device=token_bytes.device) < L[:, None]
-    rows = flat_codec_index(token_bytes)[valid]                       # [sum L], token-major order
+    rows = flat_codec_index(token_bytes)[valid]  # [sum L], token-major order
     offsets = torch.zeros(N, dtype=torch.int64, device=token_bytes.device)
     if N > 1:
         offsets[1:] = torch.cumsum(L, 0)[:-1]
     a, b = alpha.to(device=w.device, dtype=cdt)[L], beta.to(device=w.device, dtype=cdt)[L]
     out = F.embedding_bag(rows, w, offsets, mode="sum", per_sample_weights=a.repeat_interleave(L))
-    out = out + b[:, None] * w.sum(0)          # beta = 0 without z-normalization; no branch, no host sync
+    out = out + b[:, None] * w.sum(0)  # beta = 0 without z-normalization; no branch, no host sync
     return out.to(weight.dtype)
 
 
@@ -96,5 +97,6 @@ def __getattr__(name: str):
     # `dense_codec` lived here before reference.py; old imports of it from this module keep working
     if name == "dense_codec":
         from .reference import dense_codec
+
         return dense_codec
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ The single-device module. Implementations (all compute docs/design.md §2):
   (megatron's DDP buffers), giving the weight no separate gradient.
 - `dense`: the materialised reference, reference.kronecker_embed_dense ([N, D] code, then a matmul).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,9 +36,11 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
     if int(lo) < 0 or int(hi) >= vocab_size:
         bad = ((ids < 0) | (ids >= vocab_size)).nonzero()[0].tolist()
         value = int(ids[tuple(bad)])
-        raise KScaleError(f"token id {value} is out of range for vocabulary size V={vocab_size} "
-                          f"(valid ids 0..{vocab_size - 1})", where=f"input position {tuple(bad)}",
-                          fix="check that the data was tokenized with this model's tokenizer")
+        raise KScaleError(
+            f"token id {value} is out of range for vocabulary size V={vocab_size} (valid ids 0..{vocab_size - 1})",
+            where=f"input position {tuple(bad)}",
+            fix="check that the data was tokenized with this model's tokenizer",
+        )
 
 
 class KroneckerEmbedding(nn.Module):
@@ -47,14 +50,24 @@ class KroneckerEmbedding(nn.Module):
     table is a persistent buffer (it travels in the state dict with its fingerprint, checked on load).
     """
 
-    def __init__(self, byte_table: ByteTable, d_model: int, length_normalize: bool = True,
-                 z_normalize: bool = True, eps: float = 1e-6, impl: str = "auto",
-                 deterministic: bool | None = None, gradient_accumulation_fusion: bool = False,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        byte_table: ByteTable,
+        d_model: int,
+        length_normalize: bool = True,
+        z_normalize: bool = True,
+        eps: float = 1e-6,
+        impl: str = "auto",
+        deterministic: bool | None = None,
+        gradient_accumulation_fusion: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if impl not in IMPLS:
-            raise KScaleError(f"unknown embedding impl {impl!r}", where="embedding.impl",
-                              fix=f"use one of {', '.join(IMPLS)}")
+            raise KScaleError(
+                f"unknown embedding impl {impl!r}", where="embedding.impl", fix=f"use one of {', '.join(IMPLS)}"
+            )
         if d_model < 1:
             raise KScaleError(f"d_model must be >= 1, got {d_model}", where="model.d_model")
         self.pos_dim = byte_table.pos_dim
@@ -69,8 +82,9 @@ class KroneckerEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.codec_dim, d_model, device=device, dtype=dtype))
         self.register_buffer("token_bytes", byte_table.bytes.clone().to(device), persistent=True)
         self.register_buffer("token_lengths", byte_table.lengths.clone().to(device), persistent=True)
-        alpha, beta = scale_tables(self.pos_dim, length_normalize=length_normalize, z_normalize=z_normalize,
-                                   eps=eps, dtype=torch.float64)
+        alpha, beta = scale_tables(
+            self.pos_dim, length_normalize=length_normalize, z_normalize=z_normalize, eps=eps, dtype=torch.float64
+        )
         self.register_buffer("alpha", alpha.to(device), persistent=False)
         self.register_buffer("beta", beta.to(device), persistent=False)
         self.reset_parameters()
@@ -84,8 +98,13 @@ class KroneckerEmbedding(nn.Module):
         ~0.2 % off per length. Device moves apply to them as to any buffer."""
         super()._apply(fn, recurse)
         if self.alpha.dtype != torch.float64 or self.beta.dtype != torch.float64:
-            alpha, beta = scale_tables(self.pos_dim, length_normalize=self.length_normalize,
-                                       z_normalize=self.z_normalize, eps=self.eps, dtype=torch.float64)
+            alpha, beta = scale_tables(
+                self.pos_dim,
+                length_normalize=self.length_normalize,
+                z_normalize=self.z_normalize,
+                eps=self.eps,
+                dtype=torch.float64,
+            )
             self.alpha, self.beta = alpha.to(self.alpha.device), beta.to(self.beta.device)
         return self
 
@@ -97,15 +116,21 @@ class KroneckerEmbedding(nn.Module):
         if self.impl == "triton":
             problem = triton_problem(on_cuda)
             if problem:
-                raise KScaleError(f"embedding impl 'triton' cannot run: {problem}", where="model.embedding_impl",
-                                  fix="install the CUDA build (docs/setup.md), or set model.embedding_impl=auto")
+                raise KScaleError(
+                    f"embedding impl 'triton' cannot run: {problem}",
+                    where="model.embedding_impl",
+                    fix="install the CUDA build (docs/setup.md), or set model.embedding_impl=auto",
+                )
             return "triton"
         if self.impl != "auto":
             return self.impl
         problem = triton_problem(on_cuda) if on_cuda else "no CUDA device"
         if problem is None:
-            backward = {True: "deterministic", False: "atomic", None: "deterministic"
-                        if torch.are_deterministic_algorithms_enabled() else "atomic"}[self.deterministic]
+            backward = {
+                True: "deterministic",
+                False: "atomic",
+                None: "deterministic" if torch.are_deterministic_algorithms_enabled() else "atomic",
+            }[self.deterministic]
             _announce(f"embedding: impl=auto chose the Triton kernels on CUDA ({backward} backward)")
             return "triton"
         _announce(f"embedding: impl=auto chose the torch closed form on {self.weight.device.type} ({problem})")
@@ -113,8 +138,14 @@ class KroneckerEmbedding(nn.Module):
 
     def _embed_bytes(self, token_bytes: torch.Tensor, lengths: torch.Tensor, impl: str) -> torch.Tensor:
         if impl == "dense":
-            return kronecker_embed_dense(token_bytes, lengths, self.weight, length_normalize=self.length_normalize,
-                                         z_normalize=self.z_normalize, eps=self.eps)
+            return kronecker_embed_dense(
+                token_bytes,
+                lengths,
+                self.weight,
+                length_normalize=self.length_normalize,
+                z_normalize=self.z_normalize,
+                eps=self.eps,
+            )
         return kronecker_embed_torch(token_bytes, lengths, self.weight, self.alpha, self.beta)
 
     # --- forward --------------------------------------------------------------------------
@@ -124,10 +155,18 @@ class KroneckerEmbedding(nn.Module):
         impl = self.resolved_impl()
         if impl == "triton":
             from kronecker_scale.kernels import kronecker_embedding_triton
+
             main_grad = getattr(self.weight, "main_grad", None) if self.gradient_accumulation_fusion else None
-            out = kronecker_embedding_triton(flat, self.token_bytes, self.token_lengths, self.weight,
-                                             self.alpha, self.beta, deterministic=self.deterministic,
-                                             main_grad=main_grad)
+            out = kronecker_embedding_triton(
+                flat,
+                self.token_bytes,
+                self.token_lengths,
+                self.weight,
+                self.alpha,
+                self.beta,
+                deterministic=self.deterministic,
+                main_grad=main_grad,
+            )
         else:
             out = self._embed_bytes(self.token_bytes[flat], self.token_lengths[flat], impl)
         return out.reshape(*ids.shape, self.embedding_dim)
@@ -139,7 +178,7 @@ class KroneckerEmbedding(nn.Module):
         (UTF-8-safe truncated to pos_dim), so out-of-vocabulary strings get an embedding.
         """
         check_token_ids(ids, self.num_embeddings)
-        tb = self.token_bytes[ids].clone()        # [..., P]
+        tb = self.token_bytes[ids].clone()  # [..., P]
         L = self.token_lengths[ids].clone()
         for index, raw in overrides.items():
             if isinstance(raw, str):
@@ -158,29 +197,40 @@ class KroneckerEmbedding(nn.Module):
 
     # --- state dict: the fingerprint is checked before any buffer is overwritten -----------
     def get_extra_state(self):
-        return {"byte_table_fingerprint": self.byte_table_fingerprint, "pos_dim": self.pos_dim,
-                "length_normalize": self.length_normalize, "z_normalize": self.z_normalize, "eps": self.eps}
+        return {
+            "byte_table_fingerprint": self.byte_table_fingerprint,
+            "pos_dim": self.pos_dim,
+            "length_normalize": self.length_normalize,
+            "z_normalize": self.z_normalize,
+            "eps": self.eps,
+        }
 
     def set_extra_state(self, state) -> None:
         pass  # checked in _load_from_state_dict, before the buffers are copied
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         extra = state_dict.get(prefix + "_extra_state")
         if isinstance(extra, dict):
             mine = self.get_extra_state()
             if extra.get("byte_table_fingerprint") != self.byte_table_fingerprint:
                 raise KScaleError(
                     f"byte table fingerprint mismatch: checkpoint has {extra.get('byte_table_fingerprint')}, "
-                    f"this model has {self.byte_table_fingerprint}", where=f"state dict key {prefix}_extra_state",
-                    fix="build the model from the tokenizer and pos_dim/byte_source the checkpoint was trained with")
+                    f"this model has {self.byte_table_fingerprint}",
+                    where=f"state dict key {prefix}_extra_state",
+                    fix="build the model from the tokenizer and pos_dim/byte_source the checkpoint was trained with",
+                )
             for key in ("pos_dim", "length_normalize", "z_normalize", "eps"):
                 if extra.get(key) != mine[key]:
-                    raise KScaleError(f"embedding setting {key} differs: checkpoint {extra.get(key)!r}, "
-                                      f"model {mine[key]!r}", where=f"state dict key {prefix}_extra_state")
+                    raise KScaleError(
+                        f"embedding setting {key} differs: checkpoint {extra.get(key)!r}, model {mine[key]!r}",
+                        where=f"state dict key {prefix}_extra_state",
+                    )
             self._accept_other_padding(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _accept_other_padding(self, state_dict, prefix) -> None:
         """A checkpoint saved with another vocabulary padding (another TP size) has the same real rows
@@ -189,15 +239,20 @@ class KroneckerEmbedding(nn.Module):
         if theirs_b is None or theirs_l is None or theirs_b.shape == self.token_bytes.shape:
             return
         n = min(len(theirs_l), len(self.token_lengths))
-        same = torch.equal(theirs_b[:n].cpu(), self.token_bytes[:n].cpu()) and \
-            torch.equal(theirs_l[:n].cpu(), self.token_lengths[:n].cpu())
+        same = torch.equal(theirs_b[:n].cpu(), self.token_bytes[:n].cpu()) and torch.equal(
+            theirs_l[:n].cpu(), self.token_lengths[:n].cpu()
+        )
         if not same or bool(theirs_l[n:].any()) or bool(self.token_lengths[n:].any()):
-            raise KScaleError("byte table rows differ from the checkpoint's", where=f"state dict key {prefix}token_bytes")
+            raise KScaleError(
+                "byte table rows differ from the checkpoint's", where=f"state dict key {prefix}token_bytes"
+            )
         state_dict[prefix + "token_bytes"], state_dict[prefix + "token_lengths"] = self.token_bytes, self.token_lengths
 
     def extra_repr(self) -> str:
-        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, pos_dim={self.pos_dim}, "
-                f"length_normalize={self.length_normalize}, z_normalize={self.z_normalize}, impl={self.impl!r}")
+        return (
+            f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, pos_dim={self.pos_dim}, "
+            f"length_normalize={self.length_normalize}, z_normalize={self.z_normalize}, impl={self.impl!r}"
+        )
 
 
 def triton_problem(on_cuda: bool) -> str | None:
@@ -205,7 +260,7 @@ def triton_problem(on_cuda: bool) -> str | None:
     device nor Triton's interpreter (TRITON_INTERPRET=1, the CPU test path)."""
     try:
         from kronecker_scale.kernels import kronecker_embedding_triton  # noqa: F401
-    except Exception as e:               # triton missing, or a broken install: say which
+    except Exception as e:  # triton missing, or a broken install: say which
         return f"the Triton kernels do not import ({type(e).__name__}: {e})"
     if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return "the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for the slow interpreter)"

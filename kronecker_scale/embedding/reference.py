@@ -7,6 +7,7 @@ are for checking and comparing, not for training at scale: the tests check the c
 (codec.kronecker_embed_torch) and the kernels against them, the benchmark times them (`kron_dense`),
 and KroneckerEmbedding(impl="dense") runs them when asked for the reference semantics.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,10 +43,18 @@ def dense_codec(
     return x
 
 
-def kronecker_embed_dense(token_bytes: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor, *,
-                          length_normalize: bool, z_normalize: bool, eps: float) -> torch.Tensor:
+def kronecker_embed_dense(
+    token_bytes: torch.Tensor,
+    lengths: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    length_normalize: bool,
+    z_normalize: bool,
+    eps: float,
+) -> torch.Tensor:
     """Reference semantics: codec in fp32 (fp64 for an fp64 weight), cast to the weight dtype, matmul."""
     codec_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    x = dense_codec(token_bytes, lengths, length_normalize=length_normalize, z_normalize=z_normalize,
-                    eps=eps, dtype=codec_dtype)
+    x = dense_codec(
+        token_bytes, lengths, length_normalize=length_normalize, z_normalize=z_normalize, eps=eps, dtype=codec_dtype
+    )
     return x.to(weight.dtype) @ weight

@@ -1,4 +1,5 @@
 """Byte-table reports: coverage and collisions per tokenizer, exact vs decode, as rows and a plot."""
+
 from __future__ import annotations
 
 import time
@@ -25,24 +26,41 @@ class ByteTableRow:
     fingerprint: str
 
 
-def byte_table_rows(tokenizers: dict[str, Path], pos_dims=(16, 32), byte_sources=("exact", "decode"),
-                    progress=None) -> tuple[list[ByteTableRow], dict[tuple[str, int], ByteTable]]:
+def byte_table_rows(
+    tokenizers: dict[str, Path], pos_dims=(16, 32), byte_sources=("exact", "decode"), progress=None
+) -> tuple[list[ByteTableRow], dict[tuple[str, int], ByteTable]]:
     """One row per (tokenizer, pos_dim, byte_source); also the exact tables, for plotting."""
     from ..tokenizer import load_tokenizer
+
     rows, tables = [], {}
     for name, path in tokenizers.items():
         tok = load_tokenizer(path)
         for P in pos_dims:
             for src in byte_sources:
                 t0 = time.perf_counter()
-                table = ByteTable.from_token_bytes(tok.token_bytes(src), P, byte_source=src,
-                                                   tokenizer_fingerprint=tok.fingerprint, source=str(path))
+                table = ByteTable.from_token_bytes(
+                    tok.token_bytes(src), P, byte_source=src, tokenizer_fingerprint=tok.fingerprint, source=str(path)
+                )
                 s = table.stats()
                 n = max(s.vocab_size - s.empty, 1)
                 mean_len = sum(k * v for k, v in s.length_histogram.items()) / n
-                rows.append(ByteTableRow(name, tok.format, s.vocab_size, P, src, s.fits, s.coverage, s.truncated,
-                                         s.empty, s.colliding_ids, mean_len, time.perf_counter() - t0,
-                                         table.fingerprint[:12]))
+                rows.append(
+                    ByteTableRow(
+                        name,
+                        tok.format,
+                        s.vocab_size,
+                        P,
+                        src,
+                        s.fits,
+                        s.coverage,
+                        s.truncated,
+                        s.empty,
+                        s.colliding_ids,
+                        mean_len,
+                        time.perf_counter() - t0,
+                        table.fingerprint[:12],
+                    )
+                )
                 if src == "exact":
                     tables[(name, P)] = table
                 if progress:
@@ -53,6 +71,7 @@ def byte_table_rows(tokenizers: dict[str, Path], pos_dims=(16, 32), byte_sources
 def plot_length_histograms(tables: dict[tuple[str, int], ByteTable], out: Path) -> Path:
     """Token byte-length distributions (exact bytes, largest pos_dim) of each tokenizer, one PNG."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np

@@ -19,6 +19,7 @@ the file names its holder (host, PID, start time). A second run exits 2 naming t
 anything. The kernel releases a flock when its holder dies, so the lock of a killed run is simply taken
 over (the new run says so).
 """
+
 from __future__ import annotations
 
 import errno
@@ -37,17 +38,17 @@ from ..config import load_config, to_yaml
 from ..errors import KScaleError
 from .ranks import LAUNCHER_PID_ENV, signal_rank_processes, signal_ranks, start_ranks, watch_launcher
 
-PREEMPTED_EXIT = 3     # every rank saved a checkpoint on the preemption signal: requeue (Slurm), resume
-STOPPED_EXIT = 4       # every rank saved a checkpoint on SIGTERM/SIGINT/SIGHUP: stopped, not requeued
+PREEMPTED_EXIT = 3  # every rank saved a checkpoint on the preemption signal: requeue (Slurm), resume
+STOPPED_EXIT = 4  # every rank saved a checkpoint on SIGTERM/SIGINT/SIGHUP: stopped, not requeued
 STOP_GRACE_ENV = "KSCALE_STOP_GRACE_S"
 DEFAULT_STOP_GRACE_S = 120.0
 FAILURE_GRACE_S = 2.0  # after one rank failed: time for the others to exit on their own, then SIGKILL
-REPEAT_S = 1.0         # a stop signal repeated sooner is the same request (`timeout` signals child and group)
+REPEAT_S = 1.0  # a stop signal repeated sooner is the same request (`timeout` signals child and group)
 LOCK_NAME = ".lock"
 
 
 # --- one writer per run directory --------------------------------------------------------------------------
-_held: dict[Path, RunLock] = {}          # run directories whose lock this process holds
+_held: dict[Path, RunLock] = {}  # run directories whose lock this process holds
 
 
 class RunLock:
@@ -73,25 +74,35 @@ class RunLock:
         except BlockingIOError:
             holder = _read_holder(fd, wait_s=1.0)
             os.close(fd)
-            raise KScaleError(f"run directory {run_dir} is in use by another run: {describe_holder(holder)}",
-                              where=str(path),
-                              fix="wait for that run to end, or stop it (kill -TERM <PID> saves a checkpoint); "
-                                  "or give this run another run.dir") from None
+            raise KScaleError(
+                f"run directory {run_dir} is in use by another run: {describe_holder(holder)}",
+                where=str(path),
+                fix="wait for that run to end, or stop it (kill -TERM <PID> saves a checkpoint); "
+                "or give this run another run.dir",
+            ) from None
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 os.close(fd)
                 raise
             os.close(fd)
-            console(f"warning: no lock on {path} ({os.strerror(e.errno)}: this filesystem has no flock); "
-                    "nothing stops a second run from writing into this run directory")
+            console(
+                f"warning: no lock on {path} ({os.strerror(e.errno)}: this filesystem has no flock); "
+                "nothing stops a second run from writing into this run directory"
+            )
             return cls(run_dir, None)
         previous = _read_holder(fd)
         if previous:
-            console(f"note: {path} was left by {describe_holder(previous)}, which no longer holds it (it ended "
-                    "without releasing it, e.g. killed); the kernel releases a dead process's lock, so this run "
-                    "takes it over")
-        info = {"host": socket.gethostname(), "pid": os.getpid(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv[:8]}
+            console(
+                f"note: {path} was left by {describe_holder(previous)}, which no longer holds it (it ended "
+                "without releasing it, e.g. killed); the kernel releases a dead process's lock, so this run "
+                "takes it over"
+            )
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "argv": sys.argv[:8],
+        }
         if os.environ.get("SLURM_JOB_ID"):
             info["slurm_job"] = os.environ["SLURM_JOB_ID"]
         os.ftruncate(fd, 0)
@@ -103,9 +114,9 @@ class RunLock:
     def release(self) -> None:
         if self.fd is not None:
             try:
-                os.ftruncate(self.fd, 0)           # released cleanly: nothing stale to report next time
+                os.ftruncate(self.fd, 0)  # released cleanly: nothing stale to report next time
             finally:
-                os.close(self.fd)                  # closing the last descriptor releases the flock
+                os.close(self.fd)  # closing the last descriptor releases the flock
                 self.fd = None
         if _held.get(self.run_dir) is self:
             del _held[self.run_dir]
@@ -161,7 +172,8 @@ def checked_config(config_path, overrides, nproc: int | None = None) -> DictConf
     cfg = load_config(config_path, list(overrides) + ([f"parallel.nproc={nproc}"] if nproc else []))
     if cfg.launcher.cluster == "local" and "RANK" not in os.environ:
         from ..distributed import resolve_device
-        resolve_device(cfg.run.device, local_ranks=cfg.parallel.nproc)   # a Slurm job checks on its nodes
+
+        resolve_device(cfg.run.device, local_ranks=cfg.parallel.nproc)  # a Slurm job checks on its nodes
     check_engine(cfg)
     check_embedding_impl(cfg)
     return cfg
@@ -171,6 +183,7 @@ def check_run_dir(cfg) -> None:
     """Read-only, before the lock is taken (which creates the directory) and anything is written: a restart
     or resume that would destroy or misuse the run directory stops here."""
     from ..train.run_dir import check_before_start
+
     check_before_start(cfg)
 
 
@@ -188,7 +201,8 @@ def check_engine(cfg) -> None:
     process starts, any job is submitted or anything is written."""
     if cfg.run.engine == "deepspeed":
         from ..train.deepspeed_adapter import deepspeed_config
-        deepspeed_config(cfg, dp_size=cfg.parallel.nproc)          # TP = PP = 1: every rank is data parallel
+
+        deepspeed_config(cfg, dp_size=cfg.parallel.nproc)  # TP = PP = 1: every rank is data parallel
 
 
 def check_embedding_impl(cfg) -> None:
@@ -197,10 +211,14 @@ def check_embedding_impl(cfg) -> None:
     if cfg.model.input_layer != "kronecker" or cfg.model.embedding_impl != "triton":
         return
     from ..embedding.kronecker_embedding import triton_problem
+
     problem = triton_problem(on_cuda=True)
     if problem:
-        raise KScaleError(f"embedding impl 'triton' cannot run: {problem}", where="model.embedding_impl=triton",
-                          fix="install the CUDA build (docs/setup.md), or set model.embedding_impl=auto")
+        raise KScaleError(
+            f"embedding impl 'triton' cannot run: {problem}",
+            where="model.embedding_impl=triton",
+            fix="install the CUDA build (docs/setup.md), or set model.embedding_impl=auto",
+        )
 
 
 def write_resolved(cfg) -> Path:
@@ -230,30 +248,32 @@ def run_rank(resolved_config: str | Path | DictConfig, overrides=(), *, write_co
     directory's lock once the process group is up (and, with `write_config`, then writes config.yaml); if
     it cannot, every rank returns 2 before anything is written."""
     from .. import quiet
-    quiet.install(os.environ.get("KSCALE_VERBOSE") == "1")     # before megatron and DeepSpeed are imported
+
+    quiet.install(os.environ.get("KSCALE_VERBOSE") == "1")  # before megatron and DeepSpeed are imported
     import torch
 
     from ..config import TrainConfig, validate
     from ..distributed import destroy_distributed, init_distributed
     from ..train import hooks, preemption
     from ..train.loop import TrainingRun
+
     given = resolved_config if isinstance(resolved_config, DictConfig) else OmegaConf.load(resolved_config)
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), given, OmegaConf.from_dotlist(list(overrides)))
     validate(cfg)
     preemption.install_handler()
     try:
         device = init_distributed(_requested_device(cfg))
-    except KScaleError as e:                   # e.g. run.device=cuda on a node without a usable GPU
+    except KScaleError as e:  # e.g. run.device=cuda on a node without a usable GPU
         print(f"error (rank {os.environ.get('RANK', 0)}, {socket.gethostname()}): {e}", file=sys.stderr, flush=True)
         return 2
     rank = torch.distributed.get_rank()
     lock = None
     try:
-        if not os.environ.get(LAUNCHER_PID_ENV):              # no launcher holds the run directory
+        if not os.environ.get(LAUNCHER_PID_ENV):  # no launcher holds the run directory
             problem = None
             if rank == 0:
                 try:
-                    if write_config:                   # `kscale train` under srun / torchrun
+                    if write_config:  # `kscale train` under srun / torchrun
                         check_run_dir(cfg)
                     lock = RunLock.acquire(cfg.run.dir)
                     if write_config:
@@ -267,8 +287,11 @@ def run_rank(resolved_config: str | Path | DictConfig, overrides=(), *, write_co
         if rank == 0:
             if line := quiet.summary():
                 print(line, file=sys.stderr, flush=True)
-            print(f"device: {device} ({'NCCL' if device == 'cuda' else 'gloo'}), world size "
-                  f"{torch.distributed.get_world_size()}", flush=True)
+            print(
+                f"device: {device} ({'NCCL' if device == 'cuda' else 'gloo'}), world size "
+                f"{torch.distributed.get_world_size()}",
+                flush=True,
+            )
         TrainingRun(cfg, hooks.from_environment()).run()
     except KScaleError as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
@@ -287,6 +310,7 @@ def run_rank(resolved_config: str | Path | DictConfig, overrides=(), *, write_co
 def _every_rank_ok(ok: bool, device: str) -> bool:
     """Collective: True when `ok` on every rank."""
     import torch
+
     bad = torch.tensor([0.0 if ok else 1.0], device=device)
     torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return bad.item() == 0
@@ -305,7 +329,7 @@ def train(config_path, overrides=(), nproc: int | None = None) -> int:
     """`kscale train`: this process is one rank under torchrun / srun, else the launcher of
     parallel.nproc local ranks. Returns the exit status (0, 2, PREEMPTED_EXIT, STOPPED_EXIT, a failed
     rank's status, or 128 + a signal's number when the ranks had to be killed)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:       # started by torchrun / srun
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun / srun
         cfg = checked_config(config_path, overrides, nproc)
         # only global rank 0 writes config.yaml, once it holds the lock; every rank runs from this text
         return run_rank(OmegaConf.create(to_yaml(cfg)), write_config=True)
@@ -318,16 +342,17 @@ def train(config_path, overrides=(), nproc: int | None = None) -> int:
         check_run_dir(cfg)
         with RunLock.acquire(cfg.run.dir):
             resolved = write_resolved(cfg)
-            procs = start_ranks("kronecker_scale.launch.local", [str(resolved)], cfg.parallel.nproc,
-                                hold_signals=stop.signals)
+            procs = start_ranks(
+                "kronecker_scale.launch.local", [str(resolved)], cfg.parallel.nproc, hold_signals=stop.signals
+            )
             try:
                 return _supervise(procs, stop)
             finally:
-                signal_ranks(procs, signal.SIGKILL)            # leftovers of finished ranks, if any
+                signal_ranks(procs, signal.SIGKILL)  # leftovers of finished ranks, if any
                 for p in procs:
                     try:
                         p.wait(timeout=10)
-                    except Exception:                          # noqa: BLE001  (a zombie we cannot reap is no reason to fail)
+                    except Exception:  # noqa: BLE001  (a zombie we cannot reap is no reason to fail)
                         pass
 
 
@@ -338,16 +363,17 @@ class _StopSignals:
 
     def __init__(self):
         from ..train.preemption import ignored, preempt_signal, stop_signals
-        self.stops = tuple(int(s) for s in stop_signals() if not ignored(s))     # nohup: SIGHUP stays ignored
+
+        self.stops = tuple(int(s) for s in stop_signals() if not ignored(s))  # nohup: SIGHUP stays ignored
         self.signals = (*self.stops, int(preempt_signal()))
-        self.received: list[tuple[int, float]] = []           # (signal, time.monotonic())
+        self.received: list[tuple[int, float]] = []  # (signal, time.monotonic())
         self._previous: dict = {}
 
     def __enter__(self):
         try:
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handler)
-        except ValueError:                                     # not the main thread
+        except ValueError:  # not the main thread
             self.__exit__()
         return self
 
@@ -365,8 +391,11 @@ def _stop_grace_s() -> float:
     try:
         return float(value) if value else DEFAULT_STOP_GRACE_S
     except ValueError:
-        raise KScaleError(f"{STOP_GRACE_ENV}={value!r} is not a number of seconds", where=STOP_GRACE_ENV,
-                          fix=f"unset it (default {DEFAULT_STOP_GRACE_S:.0f} s) or give seconds, e.g. 300") from None
+        raise KScaleError(
+            f"{STOP_GRACE_ENV}={value!r} is not a number of seconds",
+            where=STOP_GRACE_ENV,
+            fix=f"unset it (default {DEFAULT_STOP_GRACE_S:.0f} s) or give seconds, e.g. 300",
+        ) from None
 
 
 def _status(code: int) -> int:
@@ -390,13 +419,15 @@ def _supervise(procs, stop: _StopSignals) -> int:
             name = signal.Signals(sig).name
             if sig in stop.stops and stop_sig is not None:
                 if at - stop_at < REPEAT_S:
-                    continue                                   # the same request, delivered twice
+                    continue  # the same request, delivered twice
                 _note(f"kscale: {name} again: killing the ranks now (no checkpoint of this stop)")
                 return _kill(procs, 128 + stop_sig)
             if sig in stop.stops:
                 stop_sig, stop_at = sig, at
-                _note(f"kscale: {name}: the ranks finish their step, save a checkpoint and stop (killed if they "
-                      f"take over {grace:.0f} s; another stop signal kills them now)")
+                _note(
+                    f"kscale: {name}: the ranks finish their step, save a checkpoint and stop (killed if they "
+                    f"take over {grace:.0f} s; another stop signal kills them now)"
+                )
             signal_rank_processes(procs, sig)
             deadline = deadline or time.time() + grace
         codes = [p.poll() for p in procs]
@@ -406,7 +437,7 @@ def _supervise(procs, stop: _StopSignals) -> int:
         if failed and failed_at is None:
             failed_at = time.time()
         if any(c in (STOPPED_EXIT, PREEMPTED_EXIT) for c in codes):
-            deadline = deadline or time.time() + grace         # the others are on their way out
+            deadline = deadline or time.time() + grace  # the others are on their way out
         if failed_at is not None and time.time() > failed_at + FAILURE_GRACE_S:
             _kill(procs, 0)
             return _status(failed[0])
@@ -415,7 +446,7 @@ def _supervise(procs, stop: _StopSignals) -> int:
             _kill(procs, 0)
             done = [c for c in codes if c is not None]
             if not failed and any(c in (STOPPED_EXIT, PREEMPTED_EXIT) for c in done):
-                return _summary(done)                          # the checkpoint is complete: a rank hung after
+                return _summary(done)  # the checkpoint is complete: a rank hung after
             return 128 + (stop_sig or int(stop.signals[-1]))
         time.sleep(0.1)
 
@@ -435,11 +466,11 @@ def _kill(procs, status: int) -> int:
     for p in procs:
         try:
             p.wait(timeout=10)
-        except Exception:                                      # noqa: BLE001
+        except Exception:  # noqa: BLE001
             pass
     return status
 
 
 if __name__ == "__main__":
-    watch_launcher()                # die with the launcher (and take down what this rank started)
+    watch_launcher()  # die with the launcher (and take down what this rank started)
     sys.exit(run_rank(sys.argv[1]))

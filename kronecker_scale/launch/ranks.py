@@ -7,6 +7,7 @@ with its launcher: the kernel sends it PARENT_DEATH_SIGNAL when the launcher die
 (prctl PR_SET_PDEATHSIG, set between fork and exec); a rank that calls `watch_launcher` then kills its
 whole process group, and a rank that has not yet (still starting) dies of the signal's default action.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -19,7 +20,7 @@ import time
 
 from ..distributed import free_port
 
-LAUNCHER_PID_ENV = "KSCALE_LAUNCHER_PID"      # set in every rank: the launcher holds the run's lock
+LAUNCHER_PID_ENV = "KSCALE_LAUNCHER_PID"  # set in every rank: the launcher holds the run's lock
 PR_SET_PDEATHSIG = 1
 # a real-time signal nothing else in the stack uses (USR1/USR2 may be a preemption signal)
 PARENT_DEATH_SIGNAL = signal.SIGRTMIN + 1 if sys.platform.startswith("linux") else None
@@ -33,7 +34,7 @@ def _parent_death_hook(parent: int):
     global _prctl
     if PARENT_DEATH_SIGNAL is None:
         return None
-    if _prctl is None:                      # loaded in the parent: the child only calls it
+    if _prctl is None:  # loaded in the parent: the child only calls it
         _prctl = ctypes.CDLL(None, use_errno=True).prctl
     prctl, sig = _prctl, int(PARENT_DEATH_SIGNAL)
 
@@ -41,6 +42,7 @@ def _parent_death_hook(parent: int):
         prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
+
     return hook
 
 
@@ -52,16 +54,29 @@ def start_ranks(module: str, args: list[str], n: int, hold_signals=(), **popen) 
     the ranks are started."""
     # share the cores: more OpenMP threads than cores across ranks stalls everything on small machines
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(n),
-           "LOCAL_WORLD_SIZE": str(n), "OMP_NUM_THREADS": threads, LAUNCHER_PID_ENV: str(os.getpid())}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(n),
+        "LOCAL_WORLD_SIZE": str(n),
+        "OMP_NUM_THREADS": threads,
+        LAUNCHER_PID_ENV: str(os.getpid()),
+    }
     hook = _parent_death_hook(os.getpid())
     blocked = _block(hold_signals) if hold_signals else set()
     procs: list[subprocess.Popen] = []
     try:
         for r in range(n):
-            procs.append(subprocess.Popen([sys.executable, "-m", module, *args],
-                                          env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                          start_new_session=True, preexec_fn=hook, **popen))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", module, *args],
+                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                    start_new_session=True,
+                    preexec_fn=hook,
+                    **popen,
+                )
+            )
     except BaseException:
         signal_ranks(procs, signal.SIGKILL)
         raise
@@ -130,4 +145,5 @@ def watch_launcher(poll_s: float = 0.5) -> None:
             time.sleep(poll_s)
             if os.getppid() != launcher_pid:
                 kill_own_group()
+
     threading.Thread(target=watch, name="kscale-launcher-watch", daemon=True).start()

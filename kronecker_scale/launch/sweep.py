@@ -14,6 +14,7 @@ A sweep file (YAML):
 Every element gets its own run directory `<sweep dir>/<index>-<slug>` (checkpoints, metrics) and the
 sweep directory keeps `sweep.json` (elements, job ids) and, once runs finish, `summary.{md,csv,json}`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,8 +51,11 @@ def grid_from_args(items: list[str]) -> dict:
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not values:
-            raise KScaleError(f"--grid {item!r} is not key=v1,v2,...", where="command line",
-                              fix="e.g. --grid model.input_layer=kronecker,bpe")
+            raise KScaleError(
+                f"--grid {item!r} is not key=v1,v2,...",
+                where="command line",
+                fix="e.g. --grid model.input_layer=kronecker,bpe",
+            )
         grid[key] = [OmegaConf.from_dotlist([f"v={v}"]).v for v in values.split(",")]
     return grid
 
@@ -70,12 +74,18 @@ def expand(spec: dict) -> list[dict[str, object]]:
     for e in elements:
         bad = [k for k in e if "." not in k and k != "name"]
         if bad:
-            raise KScaleError(f"sweep keys {bad} are not config keys", where="sweep",
-                              fix="write full dotted keys (model.d_model); `name` labels an element")
+            raise KScaleError(
+                f"sweep keys {bad} are not config keys",
+                where="sweep",
+                fix="write full dotted keys (model.d_model); `name` labels an element",
+            )
     launcher_keys = sorted({k for e in elements for k in e if k.startswith("launcher.")})
     if launcher_keys:
-        raise KScaleError(f"sweep elements set {launcher_keys}", where="sweep",
-                          fix="one job array shares one set of resources: set launcher.* on the command line")
+        raise KScaleError(
+            f"sweep elements set {launcher_keys}",
+            where="sweep",
+            fix="one job array shares one set of resources: set launcher.* on the command line",
+        )
     return elements
 
 
@@ -93,25 +103,26 @@ def slug(overrides: dict) -> str:
 
 
 def dotlist(overrides: dict) -> list[str]:
-    return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()
-            if k != "name"]
+    return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items() if k != "name"]
 
 
 # --- summary --------------------------------------------------------------------------------------
 SUMMARY_COLUMNS = ["run", "overrides", "status", "step", "loss", "val_loss", "tokens_per_s", "memory_gb", "params"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vocab_size(tokenizer: str) -> int:
     """The real vocabulary size of a tokenizer path or built-in name, read once per process (a sweep's
     runs share a few tokenizers, and loading a 100K-262K vocabulary takes seconds)."""
     from ..tokenizer import load_tokenizer
     from ..tokenizer.assets import tokenizer_path
+
     return load_tokenizer(tokenizer_path(tokenizer)).vocab_size
 
 
 def _params(run_dir: Path) -> int | None:
     from ..model.accounting import GPTShape, model_params
+
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         return None
@@ -121,30 +132,49 @@ def _params(run_dir: Path) -> int | None:
         vocab = vocab_size(cfg.tokenizer.path)
     except KScaleError:
         return None
-    shape = GPTShape(vocab_size=vocab, d_model=m.d_model, n_layers=m.n_layers, seq_len=m.seq_len,
-                     ffn_hidden=m.ffn_hidden, position=m.position, norm=m.norm, activation=m.activation,
-                     bias=m.bias, n_heads=m.n_heads)
-    arm = {("kronecker", "untied"): "kronecker", ("kronecker", "kronecker_tied"): "kronecker_tied",
-           ("bpe", "untied"): "bpe_untied", ("bpe", "tied"): "bpe_tied"}[(m.input_layer, m.head)]
+    shape = GPTShape(
+        vocab_size=vocab,
+        d_model=m.d_model,
+        n_layers=m.n_layers,
+        seq_len=m.seq_len,
+        ffn_hidden=m.ffn_hidden,
+        position=m.position,
+        norm=m.norm,
+        activation=m.activation,
+        bias=m.bias,
+        n_heads=m.n_heads,
+    )
+    arm = {
+        ("kronecker", "untied"): "kronecker",
+        ("kronecker", "kronecker_tied"): "kronecker_tied",
+        ("bpe", "untied"): "bpe_untied",
+        ("bpe", "tied"): "bpe_tied",
+    }[(m.input_layer, m.head)]
     return model_params(shape, arm, m.pos_dim)["total"]
 
 
 def run_summary(run_dir: Path) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
-    records = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] \
-        if metrics_path.is_file() else []
+    records = (
+        [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.is_file() else []
+    )
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
-    target = OmegaConf.load(run_dir / "config.yaml").schedule.train_steps if (run_dir / "config.yaml").is_file() \
-        else None
+    target = (
+        OmegaConf.load(run_dir / "config.yaml").schedule.train_steps if (run_dir / "config.yaml").is_file() else None
+    )
     step = train[-1]["step"] if train else 0
-    rates = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]   # step 1 compiles
-    return {"run": run_dir.name, "status": "done" if target and step >= target else ("running" if train else "pending"),
-            "step": step, "loss": train[-1]["loss"] if train else math.nan,
-            "val_loss": val[-1]["val_loss"] if val else math.nan,
-            "tokens_per_s": statistics.median(rates) if rates else math.nan,
-            "memory_gb": max((r.get("memory_gb", 0) for r in train), default=math.nan),
-            "params": _params(run_dir)}
+    rates = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]  # step 1 compiles
+    return {
+        "run": run_dir.name,
+        "status": "done" if target and step >= target else ("running" if train else "pending"),
+        "step": step,
+        "loss": train[-1]["loss"] if train else math.nan,
+        "val_loss": val[-1]["val_loss"] if val else math.nan,
+        "tokens_per_s": statistics.median(rates) if rates else math.nan,
+        "memory_gb": max((r.get("memory_gb", 0) for r in train), default=math.nan),
+        "params": _params(run_dir),
+    }
 
 
 def summarize(sweep_dir: str | Path) -> list[dict]:
@@ -152,8 +182,11 @@ def summarize(sweep_dir: str | Path) -> list[dict]:
     sweep_dir = Path(sweep_dir)
     meta_path = sweep_dir / "sweep.json"
     if not meta_path.is_file():
-        raise KScaleError("no sweep.json: not a sweep directory", where=str(sweep_dir),
-                          fix="give the folder `kscale launch --sweep` printed")
+        raise KScaleError(
+            "no sweep.json: not a sweep directory",
+            where=str(sweep_dir),
+            fix="give the folder `kscale launch --sweep` printed",
+        )
     meta = json.loads(meta_path.read_text())
     rows = []
     for e in meta["elements"]:

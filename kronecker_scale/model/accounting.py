@@ -10,6 +10,7 @@ layer and head of each arm:
     kronecker      256P x d proj.   V x d
     kronecker_tied 256P x d proj.   (reconstructed from codec + projection: no parameters)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,23 +47,25 @@ class InputSideRow:
 
 
 def input_side(vocab_size: int, d_model: int, pos_dim: int) -> InputSideRow:
-    return InputSideRow(vocab_size, d_model, pos_dim, bpe_input_params(vocab_size, d_model),
-                        kronecker_input_params(pos_dim, d_model))
+    return InputSideRow(
+        vocab_size, d_model, pos_dim, bpe_input_params(vocab_size, d_model), kronecker_input_params(pos_dim, d_model)
+    )
 
 
 @dataclass(frozen=True)
 class GPTShape:
     """What decides a GPT's parameter count (megatron-core local spec / nanoGPT layout)."""
+
     vocab_size: int
     d_model: int
     n_layers: int
     seq_len: int
-    ffn_hidden: int | None = None          # default 4 * d_model
-    position: str = "learned_absolute"     # or "rope" (no parameters)
-    norm: str = "layernorm"                # layernorm (weight + bias) or rmsnorm (weight)
-    activation: str = "gelu"               # gelu (fc1, fc2) or swiglu (gate+up, down)
-    bias: bool = True                      # biases on the linear layers
-    num_query_groups: int | None = None    # GQA; default = heads (plain MHA)
+    ffn_hidden: int | None = None  # default 4 * d_model
+    position: str = "learned_absolute"  # or "rope" (no parameters)
+    norm: str = "layernorm"  # layernorm (weight + bias) or rmsnorm (weight)
+    activation: str = "gelu"  # gelu (fc1, fc2) or swiglu (gate+up, down)
+    bias: bool = True  # biases on the linear layers
+    num_query_groups: int | None = None  # GQA; default = heads (plain MHA)
     n_heads: int = 12
 
     def ffn(self) -> int:

@@ -1,4 +1,5 @@
 """What the model is: a plain dataclass (no megatron import), the `model` section of the config."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,23 +16,24 @@ RECOMPUTE = ("none", "selective", "full")
 @dataclass
 class GPTConfig:
     """What the model is (parallel layout and precision live in the TransformerConfig)."""
+
     n_layers: int = 2
     d_model: int = 64
     n_heads: int = 4
-    ffn_hidden: int | None = None              # default 4 * d_model
+    ffn_hidden: int | None = None  # default 4 * d_model
     seq_len: int = 64
-    input_layer: str = "kronecker"             # kronecker | bpe
-    head: str = "untied"                       # untied | tied (BPE only) | kronecker_tied (Kronecker only)
+    input_layer: str = "kronecker"  # kronecker | bpe
+    head: str = "untied"  # untied | tied (BPE only) | kronecker_tied (Kronecker only)
     pos_dim: int = 32
     length_normalize: bool = True
     z_normalize: bool = True
     codec_eps: float = 1e-6
-    embedding_impl: str = "auto"               # auto | torch | triton | dense
+    embedding_impl: str = "auto"  # auto | torch | triton | dense
     deterministic_embedding: bool | None = None
-    kronecker_tp: str = "shard_d"              # shard_d | replicated
-    position: str = "learned_absolute"         # learned_absolute | rope
-    norm: str = "layernorm"                    # layernorm | rmsnorm
-    activation: str = "gelu"                   # gelu | swiglu
+    kronecker_tp: str = "shard_d"  # shard_d | replicated
+    position: str = "learned_absolute"  # learned_absolute | rope
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    activation: str = "gelu"  # gelu | swiglu
     bias: bool = True
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -45,9 +47,10 @@ class GPTConfig:
     # (every transformer layer's input is kept, the layer is recomputed in backward)
     recompute: str = "none"
 
-    def validate(self) -> "GPTConfig":
+    def validate(self) -> GPTConfig:
         def bad(key, value, fix):
             raise KScaleError(f"model.{key}={value!r} is not allowed", where=f"model.{key}", fix=fix)
+
         if self.input_layer not in INPUT_LAYERS:
             bad("input_layer", self.input_layer, f"use one of {INPUT_LAYERS}")
         if self.head not in HEADS:
@@ -77,5 +80,3 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: 
     """The one padding rule (megatron's): a multiple of divisible_by x TP. Padded ids embed to zero."""
     multiple = divisible_by * tensor_parallel_size
     return -(-vocab_size // multiple) * multiple
-
-

@@ -43,6 +43,7 @@ and covers these CUDA assumptions (paths under megatron/core/, line numbers of 0
 ``disable()`` restores every original and pops the mode. Scripts that use dist_checkpointing need
 an ``if __name__ == "__main__":`` guard (it starts a spawn-context multiprocessing Manager).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,7 +59,7 @@ __all__ = ["enable", "disable", "is_enabled", "init_distributed"]
 
 _MISSING = object()
 _patches: list[tuple[object, str, object]] = []  # (owner, attribute, original), in patch order
-_mode: "_CpuDeviceMode | None" = None
+_mode: _CpuDeviceMode | None = None
 _type_scope = threading.local()
 _RNG_LOGGER = "megatron.core.tensor_parallel.random"
 
@@ -84,9 +85,14 @@ class _CpuDeviceMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         out = func(*args, **kwargs)
-        if (func is torch.Tensor.type and len(args) == 1 and not kwargs
-                and getattr(_type_scope, "depth", 0) and not out.startswith("torch.cuda.")):
-            out = "torch.cuda." + out[len("torch."):]
+        if (
+            func is torch.Tensor.type
+            and len(args) == 1
+            and not kwargs
+            and getattr(_type_scope, "depth", 0)
+            and not out.startswith("torch.cuda.")
+        ):
+            out = "torch.cuda." + out[len("torch.") :]
         return out
 
 
@@ -110,6 +116,7 @@ class _NoOpStream:
 
 def _cuda_type_scope(fn):
     """Wrap fn so that, while it runs, Tensor.type() of CPU tensors reads 'torch.cuda.X'."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _type_scope.depth = getattr(_type_scope, "depth", 0) + 1
@@ -117,6 +124,7 @@ def _cuda_type_scope(fn):
             return fn(*args, **kwargs)
         finally:
             _type_scope.depth -= 1
+
     return wrapper
 
 
@@ -134,8 +142,9 @@ def _device_mode_on():
 
 
 def _set(owner, name, value) -> None:
-    _patches.append((owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, type)
-                     else getattr(owner, name, _MISSING)))
+    _patches.append(
+        (owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name, _MISSING))
+    )
     setattr(owner, name, value)
 
 
@@ -193,12 +202,16 @@ def _install() -> None:
     def recompute_backward(ctx, *args):
         with _device_mode_on():
             return checkpoint_backward(ctx, *args)
+
     _set(mp_random.CheckpointFunction, "backward", staticmethod(recompute_backward))
     # 4. cuda type-string checks, scoped to the functions that make them.
     clip = clip_grads.clip_grad_by_total_norm_fp32
     wrapped_clip = _cuda_type_scope(clip)
-    for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer",
-                 "megatron.core.models.mimo.optimizer"):
+    for name in (
+        "megatron.core.optimizer.clip_grads",
+        "megatron.core.optimizer.optimizer",
+        "megatron.core.models.mimo.optimizer",
+    ):
         module = sys.modules.get(name)
         if module is not None and getattr(module, "clip_grad_by_total_norm_fp32", None) is clip:
             _set(module, "clip_grad_by_total_norm_fp32", wrapped_clip)
@@ -233,6 +246,5 @@ def is_enabled() -> bool:
 
 def init_distributed(rank: int, world_size: int, init_method: str, **kwargs) -> None:
     """init_process_group("gloo", ...) (kwargs go to it, e.g. timeout), then enable()."""
-    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank,
-                                         world_size=world_size, **kwargs)
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, **kwargs)
     enable()

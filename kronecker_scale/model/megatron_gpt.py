@@ -24,6 +24,7 @@ format) is megatron-core's, used as it is. The integration points:
 - Mixed precision: megatron's Float16Module (and DeepSpeed) cast the model with .bfloat16()/.half();
   the codec's alpha/beta tables stay fp64 (KroneckerEmbedding._apply, KroneckerTiedHead._apply).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,15 +39,21 @@ from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.models.gpt import gpt_model as _gpt_model_module
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
-from megatron.core.tensor_parallel.layers import (_initialize_affine_weight_cpu, _initialize_affine_weight_gpu,
-                                                  set_tensor_model_parallel_attributes)
+from megatron.core.tensor_parallel.layers import (
+    _initialize_affine_weight_cpu,
+    _initialize_affine_weight_gpu,
+    set_tensor_model_parallel_attributes,
+)
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention, make_sharded_tensors_for_checkpoint
-from megatron.core.utils import (get_tensor_model_parallel_group_if_none, make_sharded_tensor_for_checkpoint,
-                                 make_tp_sharded_tensor_for_checkpoint)
+from megatron.core.utils import (
+    get_tensor_model_parallel_group_if_none,
+    make_sharded_tensor_for_checkpoint,
+    make_tp_sharded_tensor_for_checkpoint,
+)
 from torch import nn
 
 from ..embedding import ByteTable, KroneckerEmbedding, codec_dim, kronecker_embed_torch, scale_tables
@@ -55,6 +62,7 @@ from .config import GPTConfig, padded_vocab_size
 
 # megatron logs "GPTModel IS DEPRECATED" on every build; HybridModel has no GPT-2-style layout we need
 logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(lambda r: "DEPRECATED" not in r.getMessage())
+
 
 def transformer_engine_problem() -> str | None:
     """Why Transformer Engine's layer spec cannot be used here (None when it can)."""
@@ -71,9 +79,12 @@ def resolve_attention_backend(name: str) -> str:
     if name == "auto":
         return "te" if transformer_engine_problem() is None else "sdpa"
     if name == "te" and (problem := transformer_engine_problem()):
-        raise KScaleError(f"model.attention_backend=te cannot run: {problem}", where="model.attention_backend",
-                          fix="install Transformer Engine on a CUDA node (megatron's TE extension must import), "
-                              "or use attention_backend=sdpa (torch's fused attention) or auto")
+        raise KScaleError(
+            f"model.attention_backend=te cannot run: {problem}",
+            where="model.attention_backend",
+            fix="install Transformer Engine on a CUDA node (megatron's TE extension must import), "
+            "or use attention_backend=sdpa (torch's fused attention) or auto",
+        )
     return name
 
 
@@ -87,29 +98,56 @@ def recompute_settings(recompute: str) -> dict:
     return {}
 
 
-def transformer_config(cfg: GPTConfig, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                       sequence_parallel: bool = False, params_dtype=torch.float32, **overrides) -> TransformerConfig:
+def transformer_config(
+    cfg: GPTConfig,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    sequence_parallel: bool = False,
+    params_dtype=torch.float32,
+    **overrides,
+) -> TransformerConfig:
     cfg.validate()
     backend = resolve_attention_backend(cfg.attention_backend)
     if cfg.n_heads % tensor_parallel:
-        raise KScaleError(f"model.n_heads={cfg.n_heads} is not divisible by tensor parallel size {tensor_parallel}",
-                          where="model.n_heads / parallel.tensor", fix="choose TP dividing the number of heads")
+        raise KScaleError(
+            f"model.n_heads={cfg.n_heads} is not divisible by tensor parallel size {tensor_parallel}",
+            where="model.n_heads / parallel.tensor",
+            fix="choose TP dividing the number of heads",
+        )
     if cfg.n_layers % pipeline_parallel:
-        raise KScaleError(f"model.n_layers={cfg.n_layers} is not divisible by pipeline parallel size "
-                          f"{pipeline_parallel}", where="model.n_layers / parallel.pipeline")
+        raise KScaleError(
+            f"model.n_layers={cfg.n_layers} is not divisible by pipeline parallel size {pipeline_parallel}",
+            where="model.n_layers / parallel.pipeline",
+        )
     kw = dict(
-        num_layers=cfg.n_layers, hidden_size=cfg.d_model, num_attention_heads=cfg.n_heads,
-        ffn_hidden_size=cfg.ffn_hidden or 4 * cfg.d_model, hidden_dropout=cfg.hidden_dropout,
-        attention_dropout=cfg.attention_dropout, normalization="RMSNorm" if cfg.norm == "rmsnorm" else "LayerNorm",
-        add_bias_linear=cfg.bias, init_method_std=cfg.init_std,
-        gated_linear_unit=cfg.activation == "swiglu", activation_func=F.silu if cfg.activation == "swiglu" else F.gelu,
-        bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
-        sequence_parallel=sequence_parallel and tensor_parallel > 1, params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
-        use_cpu_initialization=not torch.cuda.is_available(), batch_p2p_comm=False,
-        pipeline_dtype=params_dtype, transformer_impl="transformer_engine" if backend == "te" else "local",
+        num_layers=cfg.n_layers,
+        hidden_size=cfg.d_model,
+        num_attention_heads=cfg.n_heads,
+        ffn_hidden_size=cfg.ffn_hidden or 4 * cfg.d_model,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        normalization="RMSNorm" if cfg.norm == "rmsnorm" else "LayerNorm",
+        add_bias_linear=cfg.bias,
+        init_method_std=cfg.init_std,
+        gated_linear_unit=cfg.activation == "swiglu",
+        activation_func=F.silu if cfg.activation == "swiglu" else F.gelu,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        sequence_parallel=sequence_parallel and tensor_parallel > 1,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        batch_p2p_comm=False,
+        pipeline_dtype=params_dtype,
+        transformer_impl="transformer_engine" if backend == "te" else "local",
         **recompute_settings(cfg.recompute),
     )
     kw.update(overrides)
@@ -129,7 +167,7 @@ class SequenceParallelNorm:
         else:
             norm = nn.LayerNorm(hidden_size, eps=eps)
         for p in norm.parameters():
-            setattr(p, "sequence_parallel", config.sequence_parallel)
+            p.sequence_parallel = config.sequence_parallel
         return norm
 
 
@@ -143,19 +181,32 @@ class SDPAttention(MegatronModule):
     attention) -> context [sq, b, h/TP * dh]. Attention dropout draws from megatron's CUDA RNG tracker,
     as DotProductAttention does."""
 
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
-                 attention_type: str, attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            raise KScaleError("attention_backend=sdpa does not support context parallelism",
-                              fix="use attention_backend=te")
-        if config.softmax_type != "vanilla" or is_layer_window_attention(config.window_size,
-                                                                         config.window_attn_skip_freq, layer_number):
-            raise KScaleError("attention_backend=sdpa supports vanilla softmax over the full causal window only",
-                              fix="use attention_backend=local or te")
+            raise KScaleError(
+                "attention_backend=sdpa does not support context parallelism", fix="use attention_backend=te"
+            )
+        if config.softmax_type != "vanilla" or is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number
+        ):
+            raise KScaleError(
+                "attention_backend=sdpa supports vanilla softmax over the full causal window only",
+                fix="use attention_backend=local or te",
+            )
         if pg_collection is None:
             from megatron.core.process_groups_config import ProcessGroupCollection
+
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
@@ -170,32 +221,46 @@ class SDPAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
-                attn_mask_type: AttnMaskType | None = None, attention_bias=None, packed_seq_params=None):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
         if packed_seq_params is not None or attention_bias is not None:
-            raise KScaleError("attention_backend=sdpa has no packed sequences or attention bias",
-                              fix="use attention_backend=te")
+            raise KScaleError(
+                "attention_backend=sdpa has no packed sequences or attention bias", fix="use attention_backend=te"
+            )
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         sq, b = query.shape[0], query.shape[1]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))       # [b, heads, s, dh]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dh]
         # as megatron's softmax: a given mask wins; else causal (nothing to mask for a single query)
-        mask = None if attention_mask is None else ~attention_mask   # megatron: True = masked; torch: True = keep
+        mask = None if attention_mask is None else ~attention_mask  # megatron: True = masked; torch: True = keep
         causal = mask is None and mask_type == AttnMaskType.causal and sq > 1
         dropout = self.dropout_p if self.training else 0.0
         kwargs = {"enable_gqa": True} if self.heads != self.groups else {}
-        rng = tensor_parallel.get_cuda_rng_tracker().fork() if not self.config.sequence_parallel \
+        rng = (
+            tensor_parallel.get_cuda_rng_tracker().fork()
+            if not self.config.sequence_parallel
             else contextlib.nullcontext()
+        )
         with rng:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                                                 scale=self.softmax_scale, **kwargs)
-        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)                     # [sq, b, heads * dh]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale, **kwargs
+            )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [sq, b, heads * dh]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        return {}                                       # no parameters (as DotProductAttention with vanilla softmax)
+        return {}  # no parameters (as DotProductAttention with vanilla softmax)
 
 
-def layer_spec(config: TransformerConfig, vp_stage: int | None = None,
-               attention_backend: str = "local") -> TransformerBlockSubmodules:
+def layer_spec(
+    config: TransformerConfig, vp_stage: int | None = None, attention_backend: str = "local"
+) -> TransformerBlockSubmodules:
     """The GPT layer spec for this PP stage. local / sdpa: megatron's local spec with
     sequence-parallel-capable norms (sdpa: SDPAttention as core attention); te: Transformer Engine's spec
     (fused norm + linear, TE's fused attention, TE norms)."""
@@ -203,22 +268,32 @@ def layer_spec(config: TransformerConfig, vp_stage: int | None = None,
     if attention_backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-        return TransformerBlockSubmodules(layer_specs=[get_gpt_layer_with_transformer_engine_spec()] * n,
-                                          layer_norm=TENorm)
+
+        return TransformerBlockSubmodules(
+            layer_specs=[get_gpt_layer_with_transformer_engine_spec()] * n, layer_norm=TENorm
+        )
     spec = get_gpt_layer_local_spec(normalization=config.normalization)
     attention = spec.submodules.self_attention
     if attention_backend == "sdpa":
         attention = replace(attention, submodules=replace(attention.submodules, core_attention=SDPAttention))
-    spec = replace(spec, submodules=replace(spec.submodules, input_layernorm=SequenceParallelNorm,
-                                            pre_mlp_layernorm=SequenceParallelNorm, self_attention=attention))
+    spec = replace(
+        spec,
+        submodules=replace(
+            spec.submodules,
+            input_layernorm=SequenceParallelNorm,
+            pre_mlp_layernorm=SequenceParallelNorm,
+            self_attention=attention,
+        ),
+    )
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=SequenceParallelNorm)
 
 
 # ------------------------------------------------------------------------------------------
 # the Kronecker input layer
 # ------------------------------------------------------------------------------------------
-def _init_projection(weight: torch.Tensor, config: TransformerConfig, sharded: bool, tp_rank: int,
-                     tp_size: int, d_model: int) -> None:
+def _init_projection(
+    weight: torch.Tensor, config: TransformerConfig, sharded: bool, tp_rank: int, tp_size: int, d_model: int
+) -> None:
     """N(0, 1/D) init, identical for every TP layout given the seed (full master weight, then split)."""
     D = weight.shape[0]
     init = lambda w: nn.init.normal_(w, 0.0, 1.0 / math.sqrt(D))  # noqa: E731
@@ -226,32 +301,52 @@ def _init_projection(weight: torch.Tensor, config: TransformerConfig, sharded: b
         return
     if sharded:
         if config.use_cpu_initialization:
-            _initialize_affine_weight_cpu(weight, D, d_model, weight.shape[1], 1, init,
-                                          params_dtype=config.params_dtype, rank=tp_rank, world_size=tp_size)
+            _initialize_affine_weight_cpu(
+                weight,
+                D,
+                d_model,
+                weight.shape[1],
+                1,
+                init,
+                params_dtype=config.params_dtype,
+                rank=tp_rank,
+                world_size=tp_size,
+            )
         else:
             _initialize_affine_weight_gpu(weight, init, partition_dim=1)
     else:
         with torch.no_grad():
             master = torch.empty(D, d_model, dtype=torch.float32, device=weight.device)
-            init(master)                   # default generator: the same on every TP rank for one seed
+            init(master)  # default generator: the same on every TP rank for one seed
             weight.copy_(master.to(weight.dtype))
 
 
 class KroneckerLanguageModelEmbedding(MegatronModule):
     """Drop-in for megatron's LanguageModelEmbedding: ids [b, s] -> embeddings [s(/TP), b, h]."""
 
-    def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
-                 position_embedding_type: str = "learned_absolute", num_tokentypes: int = 0,
-                 scatter_to_sequence_parallel: bool = True, tp_group=None, *, byte_table: ByteTable,
-                 model_cfg: GPTConfig):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        vocab_size: int,
+        max_sequence_length: int,
+        position_embedding_type: str = "learned_absolute",
+        num_tokentypes: int = 0,
+        scatter_to_sequence_parallel: bool = True,
+        tp_group=None,
+        *,
+        byte_table: ByteTable,
+        model_cfg: GPTConfig,
+    ):
         super().__init__(config=config)
         if num_tokentypes:
             raise KScaleError("token types are not supported by the Kronecker input layer")
         if not scatter_to_sequence_parallel and config.sequence_parallel:
             raise KScaleError("the Kronecker input layer always produces the sequence-parallel slice itself")
         if byte_table.vocab_size != vocab_size:
-            raise KScaleError(f"byte table has {byte_table.vocab_size} rows but the model's padded vocabulary is "
-                              f"{vocab_size}", fix="pad the byte table with the model's rule (padded_vocab_size)")
+            raise KScaleError(
+                f"byte table has {byte_table.vocab_size} rows but the model's padded vocabulary is {vocab_size}",
+                fix="pad the byte table with the model's rule (padded_vocab_size)",
+            )
         self.tp_group = get_tensor_model_parallel_group_if_none(tp_group)
         self.tp_size, self.tp_rank = self.tp_group.size(), self.tp_group.rank()
         self.mode = model_cfg.kronecker_tp
@@ -260,46 +355,54 @@ class KroneckerLanguageModelEmbedding(MegatronModule):
         d_local = d // self.tp_size if self.mode == "shard_d" else d
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.word_embeddings = KroneckerEmbedding(
-            byte_table, d_local, length_normalize=model_cfg.length_normalize, z_normalize=model_cfg.z_normalize,
-            eps=model_cfg.codec_eps, impl=model_cfg.embedding_impl,
-            deterministic=model_cfg.deterministic_embedding, device=device, dtype=config.params_dtype)
+            byte_table,
+            d_local,
+            length_normalize=model_cfg.length_normalize,
+            z_normalize=model_cfg.z_normalize,
+            eps=model_cfg.codec_eps,
+            impl=model_cfg.embedding_impl,
+            deterministic=model_cfg.deterministic_embedding,
+            device=device,
+            dtype=config.params_dtype,
+        )
         weight = self.word_embeddings.weight
         _init_projection(weight, config, self.mode == "shard_d", self.tp_rank, self.tp_size, d)
         if self.mode == "shard_d":
-            if not hasattr(weight, "tensor_model_parallel"):     # the CPU initializer sets them already
+            if not hasattr(weight, "tensor_model_parallel"):  # the CPU initializer sets them already
                 set_tensor_model_parallel_attributes(weight, True, 1, 1)
         else:
-            setattr(weight, "sequence_parallel", config.sequence_parallel)
+            weight.sequence_parallel = config.sequence_parallel
         self.add_position_embedding = position_embedding_type == "learned_absolute"
         if self.add_position_embedding:
             self.position_embeddings = nn.Embedding(max_sequence_length, d, device=device, dtype=config.params_dtype)
             if config.perform_initialization:
                 config.embedding_init_method(self.position_embeddings.weight)
             # under SP each rank adds positions for its own slice only: sum the gradient over TP
-            setattr(self.position_embeddings.weight, "sequence_parallel", config.sequence_parallel)
+            self.position_embeddings.weight.sequence_parallel = config.sequence_parallel
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
 
     def _local_slice(self, t: torch.Tensor) -> torch.Tensor:
         chunk = t.shape[0] // self.tp_size
-        return t[self.tp_rank * chunk:(self.tp_rank + 1) * chunk]
+        return t[self.tp_rank * chunk : (self.tp_rank + 1) * chunk]
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                tokentype_ids=None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, tokentype_ids=None
+    ) -> torch.Tensor:
         sp = self.config.sequence_parallel
-        ids = input_ids.t().contiguous()                      # [s, b]: megatron's activation layout
+        ids = input_ids.t().contiguous()  # [s, b]: megatron's activation layout
         s, b = ids.shape
         if sp and s % self.tp_size:
             raise KScaleError(f"sequence length {s} is not divisible by TP={self.tp_size} (sequence parallel)")
         if self.mode == "replicated":
             emb = self.word_embeddings(self._local_slice(ids) if sp else ids)
         else:
-            local = self.word_embeddings(ids)                 # [s, b, d/TP]: this rank's columns, all tokens
+            local = self.word_embeddings(ids)  # [s, b, d/TP]: this rank's columns, all tokens
             if self.tp_size == 1:
                 emb = local
-            elif sp:                                          # -> [s/TP, b, d]
+            elif sp:  # -> [s/TP, b, d]
                 emb = tensor_parallel.all_to_all_hp2sp(local.reshape(s * b, -1), group=self.tp_group)
                 emb = emb.reshape(s // self.tp_size, b, -1)
-            else:                                             # -> [s, b, d]; backward keeps own columns
+            else:  # -> [s, b, d]; backward keeps own columns
                 emb = tensor_parallel.gather_from_tensor_model_parallel_region(local, group=self.tp_group)
         if self.add_position_embedding:
             pos = position_ids.t()  # type: ignore[union-attr]  # megatron passes them to position embeddings
@@ -320,8 +423,9 @@ class KroneckerLanguageModelEmbedding(MegatronModule):
         axis = {"word_embeddings.weight": 1} if self.mode == "shard_d" else {}
         # both groups: TP decides the shard / replica along d, DP(+CP) which copy is the main one
         dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        sharded = make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets, tp_group=self.tp_group,
-                                                      dp_cp_group=dp_cp)
+        sharded = make_sharded_tensors_for_checkpoint(
+            state, prefix, axis, sharded_offsets, tp_group=self.tp_group, dp_cp_group=dp_cp
+        )
         # the padded vocabulary is a multiple of divisible_by x TP, so the byte table's row count follows the
         # layout; like megatron's vocab-sized weights it may differ on load (the fingerprint must not)
         for key in ("word_embeddings.token_bytes", "word_embeddings.token_lengths"):
@@ -340,8 +444,15 @@ class KroneckerTiedHead(MegatronModule):
     this module's copy on a last-only pipeline stage).
     """
 
-    def __init__(self, config: TransformerConfig, byte_table: ByteTable, model_cfg: GPTConfig, allocate_weight: bool,
-                 parallel_output: bool = True, tp_group=None):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        byte_table: ByteTable,
+        model_cfg: GPTConfig,
+        allocate_weight: bool,
+        parallel_output: bool = True,
+        tp_group=None,
+    ):
         super().__init__(config=config)
         self.tp_group = get_tensor_model_parallel_group_if_none(tp_group)
         self.tp_size, self.tp_rank = self.tp_group.size(), self.tp_group.rank()
@@ -355,18 +466,23 @@ class KroneckerTiedHead(MegatronModule):
         ids = torch.arange(self.tp_rank * shard, (self.tp_rank + 1) * shard, device=device)
         self.register_buffer("token_bytes", byte_table.bytes[ids.cpu()].to(device), persistent=False)
         self.register_buffer("token_lengths", byte_table.lengths[ids.cpu()].to(device), persistent=False)
-        alpha, beta = scale_tables(byte_table.pos_dim, length_normalize=model_cfg.length_normalize,
-                                   z_normalize=model_cfg.z_normalize, eps=model_cfg.codec_eps)
+        alpha, beta = scale_tables(
+            byte_table.pos_dim,
+            length_normalize=model_cfg.length_normalize,
+            z_normalize=model_cfg.z_normalize,
+            eps=model_cfg.codec_eps,
+        )
         self.register_buffer("alpha", alpha.to(device), persistent=False)
         self.register_buffer("beta", beta.to(device), persistent=False)
         if allocate_weight:
             d_local = config.hidden_size // self.tp_size if self.mode == "shard_d" else config.hidden_size
-            self.weight = nn.Parameter(torch.zeros(codec_dim(byte_table.pos_dim), d_local, device=device,
-                                                   dtype=config.params_dtype))
+            self.weight = nn.Parameter(
+                torch.zeros(codec_dim(byte_table.pos_dim), d_local, device=device, dtype=config.params_dtype)
+            )
             if self.mode == "shard_d":
                 set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
             else:
-                setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+                self.weight.sequence_parallel = config.sequence_parallel
         else:
             self.weight = None
 
@@ -390,11 +506,19 @@ class KroneckerTiedHead(MegatronModule):
         elif self.tp_size > 1 and not sp:
             # replicated W without SP: each rank's head gradient is partial (its vocab shard): all-reduce it
             W = tensor_parallel.copy_to_tensor_model_parallel_region(W, group=self.tp_group)
-        if W.is_cuda and self.embedding_impl in ("auto", "triton"):    # the fused kernels, as the input layer
+        if W.is_cuda and self.embedding_impl in ("auto", "triton"):  # the fused kernels, as the input layer
             from kronecker_scale.kernels import kronecker_embedding_triton
-            local_ids = torch.arange(self.token_lengths.numel(), device=W.device)   # this shard's rows of the table
-            table = kronecker_embedding_triton(local_ids, self.token_bytes, self.token_lengths, W, self.alpha,
-                                               self.beta, deterministic=self.deterministic)   # [V/TP, d]
+
+            local_ids = torch.arange(self.token_lengths.numel(), device=W.device)  # this shard's rows of the table
+            table = kronecker_embedding_triton(
+                local_ids,
+                self.token_bytes,
+                self.token_lengths,
+                W,
+                self.alpha,
+                self.beta,
+                deterministic=self.deterministic,
+            )  # [V/TP, d]
         else:
             table = kronecker_embed_torch(self.token_bytes, self.token_lengths, W, self.alpha, self.beta)  # [V/TP, d]
         if sp:
@@ -431,20 +555,40 @@ def _kronecker_input_layer(byte_table: ByteTable, model_cfg: GPTConfig):
 class KroneckerGPTModel(GPTModel):
     """megatron-core's GPTModel with this project's input layers and heads."""
 
-    def __init__(self, config: TransformerConfig, model_cfg: GPTConfig, vocab_size: int,
-                 byte_table: ByteTable | None = None, pre_process: bool = True, post_process: bool = True,
-                 real_vocab_size: int | None = None, vp_stage: int | None = None, parallel_output: bool = True):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        model_cfg: GPTConfig,
+        vocab_size: int,
+        byte_table: ByteTable | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        real_vocab_size: int | None = None,
+        vp_stage: int | None = None,
+        parallel_output: bool = True,
+    ):
         model_cfg.validate()
-        object.__setattr__(self, "_kscale", (model_cfg, byte_table))   # read by setup_embeddings_and_output_layer
+        object.__setattr__(self, "_kscale", (model_cfg, byte_table))  # read by setup_embeddings_and_output_layer
         share = model_cfg.head in ("tied", "kronecker_tied")
-        ctx = (_kronecker_input_layer(byte_table, model_cfg)  # type: ignore[arg-type]  # build_model checks it is set
-               if model_cfg.input_layer == "kronecker" else contextlib.nullcontext())
+        ctx = (
+            _kronecker_input_layer(byte_table, model_cfg)  # type: ignore[arg-type]  # build_model checks it is set
+            if model_cfg.input_layer == "kronecker"
+            else contextlib.nullcontext()
+        )
         spec = layer_spec(config, vp_stage, resolve_attention_backend(model_cfg.attention_backend))
         with ctx:
-            super().__init__(config, spec, vocab_size, model_cfg.seq_len,
-                             pre_process=pre_process, post_process=post_process, parallel_output=parallel_output,
-                             share_embeddings_and_output_weights=share, position_embedding_type=model_cfg.position,
-                             vp_stage=vp_stage)
+            super().__init__(
+                config,
+                spec,
+                vocab_size,
+                model_cfg.seq_len,
+                pre_process=pre_process,
+                post_process=post_process,
+                parallel_output=parallel_output,
+                share_embeddings_and_output_weights=share,
+                position_embedding_type=model_cfg.position,
+                vp_stage=vp_stage,
+            )
         self.model_cfg = model_cfg
         if model_cfg.input_layer == "bpe" and real_vocab_size is not None and pre_process:
             self._zero_padded_rows(real_vocab_size)
@@ -452,9 +596,14 @@ class KroneckerGPTModel(GPTModel):
     def setup_embeddings_and_output_layer(self) -> None:
         model_cfg, byte_table = self._kscale
         if model_cfg.head == "kronecker_tied" and self.post_process:
-            self.output_layer = KroneckerTiedHead(self.config, byte_table, model_cfg,
-                                                  allocate_weight=not self.pre_process,
-                                                  parallel_output=self.parallel_output, tp_group=self.pg_collection.tp)
+            self.output_layer = KroneckerTiedHead(
+                self.config,
+                byte_table,
+                model_cfg,
+                allocate_weight=not self.pre_process,
+                parallel_output=self.parallel_output,
+                tp_group=self.pg_collection.tp,
+            )
         super().setup_embeddings_and_output_layer()
 
     def _zero_padded_rows(self, real_vocab_size: int) -> None:
@@ -465,28 +614,43 @@ class KroneckerGPTModel(GPTModel):
             local = torch.arange(start, start + emb.weight.shape[0])
             emb.weight[local >= real_vocab_size] = 0
 
-    def tie_embeddings_and_output_weights_state_dict(self, sharded_state_dict, output_layer_weight_key,
-                                                     first_stage_word_emb_key, metadata={}):  # noqa: B006 (megatron's signature)
+    def tie_embeddings_and_output_weights_state_dict(
+        self,
+        sharded_state_dict,
+        output_layer_weight_key,
+        first_stage_word_emb_key,
+        metadata={},  # noqa: B006 (megatron's signature)
+    ):
         model_cfg, _ = self._kscale
         if model_cfg.head != "kronecker_tied" or not self.post_process or self.pre_process:
             return super().tie_embeddings_and_output_weights_state_dict(
-                sharded_state_dict, output_layer_weight_key, first_stage_word_emb_key, metadata)
+                sharded_state_dict, output_layer_weight_key, first_stage_word_emb_key, metadata
+            )
         # the last stage's copy of the projection is a replica of the first stage's, sharded the same way
         del sharded_state_dict[output_layer_weight_key]
         dp = parallel_state.get_data_parallel_rank(with_context_parallel=True)
         tensor = self.shared_embedding_or_output_weight()
         if model_cfg.kronecker_tp == "shard_d":
             sharded_state_dict[output_layer_weight_key] = make_tp_sharded_tensor_for_checkpoint(
-                tensor=tensor, key=first_stage_word_emb_key, tp_axis=1, replica_id=(1, 0, dp))
+                tensor=tensor, key=first_stage_word_emb_key, tp_axis=1, replica_id=(1, 0, dp)
+            )
         else:
             tp = parallel_state.get_tensor_model_parallel_rank()
             sharded_state_dict[output_layer_weight_key] = make_sharded_tensor_for_checkpoint(
-                tensor=tensor, key=first_stage_word_emb_key, replica_id=(1, tp, dp))
+                tensor=tensor, key=first_stage_word_emb_key, replica_id=(1, tp, dp)
+            )
 
 
-def build_model(model_cfg: GPTConfig, config: TransformerConfig, *, byte_table: ByteTable | None = None,
-                vocab_size: int | None = None, pre_process: bool | None = None, post_process: bool | None = None,
-                vp_stage: int | None = None) -> KroneckerGPTModel:
+def build_model(
+    model_cfg: GPTConfig,
+    config: TransformerConfig,
+    *,
+    byte_table: ByteTable | None = None,
+    vocab_size: int | None = None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+) -> KroneckerGPTModel:
     """The GPT for this rank's pipeline stage. Kronecker needs the byte table; BPE a vocab size.
 
     The vocabulary is padded with `padded_vocab_size` (divisible_by x TP) for both input layers.
@@ -506,5 +670,13 @@ def build_model(model_cfg: GPTConfig, config: TransformerConfig, *, byte_table: 
         if vocab_size is None:
             raise KScaleError("the BPE input layer needs vocab_size")
         real, padded = vocab_size, padded_vocab_size(vocab_size, model_cfg.vocab_divisible_by, tp)
-    return KroneckerGPTModel(config, model_cfg, padded, byte_table, pre_process=pre_process,
-                             post_process=post_process, real_vocab_size=real, vp_stage=vp_stage)
+    return KroneckerGPTModel(
+        config,
+        model_cfg,
+        padded,
+        byte_table,
+        pre_process=pre_process,
+        post_process=post_process,
+        real_vocab_size=real,
+        vp_stage=vp_stage,
+    )

@@ -16,6 +16,7 @@ Codec cosine in closed form: x_t has L_t cells equal to s_t; with z-normalizatio
 z_t = (x_t - mu_t) / sigma_t, so z_a . z_b = (s_a s_b m_ab - D mu_a mu_b) / (sigma_a sigma_b), where m_ab counts
 the (byte, position) cells a and b share, and |z_t|^2 = (L_t s_t^2 - D mu_t^2) / sigma_t^2. No [V, D] matrix.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -33,7 +34,7 @@ PROBE_FAMILIES = {
     "nation": ["nation", " nation", "national", "nations", "nationality"],
     "tion": ["tion", " tion", "tions", "ation", "sion"],
 }
-WHITESPACE_MARKERS = " \t\n\u0120\u2581\u010a"     # space, tab, newline, GPT-2's Ġ and Ċ, SentencePiece ▁
+WHITESPACE_MARKERS = " \t\n\u0120\u2581\u010a"  # space, tab, newline, GPT-2's Ġ and Ċ, SentencePiece ▁
 EDGE_PUNCTUATION = ".,;:!?'\"()[]{}<>-_/\\`*#@&|~^=+"
 
 
@@ -43,6 +44,7 @@ def canonical(text: str) -> str:
 
 class Space:
     """cosine(probe, every real id) for one embedding space."""
+
     name: str
     kronecker: bool
 
@@ -71,9 +73,17 @@ class Space:
 class CodecSpace(Space):
     """The Kronecker code (docs/design.md §2) of every id, cosine in closed form."""
 
-    def __init__(self, token_bytes: list[bytes], encode, pos_dim: int, length_normalize=True, z_normalize=True,
-                 name: str = "codec"):
+    def __init__(
+        self,
+        token_bytes: list[bytes],
+        encode,
+        pos_dim: int,
+        length_normalize=True,
+        z_normalize=True,
+        name: str = "codec",
+    ):
         from ..embedding import ByteTable
+
         super().__init__(name, token_bytes, encode, None)
         self.byte_table = ByteTable.from_token_bytes(token_bytes, pos_dim)
         self.P, self.D = pos_dim, 256 * pos_dim
@@ -82,14 +92,18 @@ class CodecSpace(Space):
         self._stats_all = self._stats(self.L)
 
     def _stats(self, L: torch.Tensor):
-        s = torch.where(L > 0, L.clamp_min(1).rsqrt(), torch.zeros_like(L)) if self.length_normalize \
+        s = (
+            torch.where(L > 0, L.clamp_min(1).rsqrt(), torch.zeros_like(L))
+            if self.length_normalize
             else (L > 0).double()
+        )
         mu = L * s / self.D if self.z_normalize else torch.zeros_like(L)
         norm_sq = L * s * s - self.D * mu * mu
         return s, mu, norm_sq
 
     def cosines(self, probe: str) -> torch.Tensor:
         from ..embedding.byte_table import utf8_safe_truncate
+
         raw = utf8_safe_truncate(probe.encode("utf-8"), self.P)
         Lp = len(raw)
         if Lp == 0:
@@ -113,6 +127,7 @@ class KroneckerModelSpace(Space):
     def cosines(self, probe: str) -> torch.Tensor:
         from ..embedding import kronecker_embed_torch
         from ..embedding.byte_table import utf8_safe_truncate
+
         e = self.word_embeddings
         raw = utf8_safe_truncate(probe.encode("utf-8"), e.pos_dim)
         row = torch.zeros(1, e.pos_dim, dtype=torch.uint8)
@@ -124,14 +139,20 @@ class KroneckerModelSpace(Space):
 def neighbours(space: Space, probe: str, k: int) -> dict:
     cos = space.cosines(probe).clone()
     for i in space.ids_with_bytes(probe.encode("utf-8")):
-        cos[i] = -float("inf")                      # the probe itself
+        cos[i] = -float("inf")  # the probe itself
     top = torch.topk(cos, k)
     probe_form = canonical(probe)
     rows = []
     for score, i in zip(top.values.tolist(), top.indices.tolist()):
         text = space.token_bytes[i].decode("utf-8", errors="replace")
-        rows.append({"id": i, "token": text, "cosine": score,
-                     "class": "typographic" if canonical(text) == probe_form else "morphological"})
+        rows.append(
+            {
+                "id": i,
+                "token": text,
+                "cosine": score,
+                "class": "typographic" if canonical(text) == probe_form else "morphological",
+            }
+        )
     morph = sum(r["class"] == "morphological" for r in rows) / k
     return {"probe": probe, "neighbours": rows, "morphological_at_k": morph, "typographic_at_k": 1 - morph}
 
@@ -142,22 +163,40 @@ def run_geometry(spaces: list[Space], families: dict[str, list[str]], k: int = 5
         per_family = {}
         for fam, probes in families.items():
             per_family[fam] = [neighbours(space, p, k) for p in probes]
-        results[space.name] = {"families": per_family,
-                               "morphological_at_k": statistics.fmean(
-                                   r["morphological_at_k"] for rs in per_family.values() for r in rs)}
+        results[space.name] = {
+            "families": per_family,
+            "morphological_at_k": statistics.fmean(r["morphological_at_k"] for rs in per_family.values() for r in rs),
+        }
     return {"k": k, "spaces": [s.name for s in spaces], "families": families, "results": results}
 
 
 def markdown(res: dict) -> str:
     fams = list(res["families"])
-    rows = [[s, *[f"{statistics.fmean(r['morphological_at_k'] for r in res['results'][s]['families'][f]):.2f}"
-                  for f in fams], f"{res['results'][s]['morphological_at_k']:.3f}"] for s in res["spaces"]]
-    text = (f"# Embedding geometry: morphological@{res['k']} (1 = no typographic variants among the neighbours)\n\n"
-            + markdown_table(["space", *fams, "mean"], rows) + "\n## Neighbours\n\n")
+    rows = [
+        [
+            s,
+            *[
+                f"{statistics.fmean(r['morphological_at_k'] for r in res['results'][s]['families'][f]):.2f}"
+                for f in fams
+            ],
+            f"{res['results'][s]['morphological_at_k']:.3f}",
+        ]
+        for s in res["spaces"]
+    ]
+    text = (
+        f"# Embedding geometry: morphological@{res['k']} (1 = no typographic variants among the neighbours)\n\n"
+        + markdown_table(["space", *fams, "mean"], rows)
+        + "\n## Neighbours\n\n"
+    )
     for s in res["spaces"]:
-        nb = [[f"`{r['probe']!r}`", ", ".join(f"{n['token']!r}{'*' if n['class'] == 'typographic' else ''}"
-                                              for n in r["neighbours"])]
-              for f in fams for r in res["results"][s]["families"][f]]
+        nb = [
+            [
+                f"`{r['probe']!r}`",
+                ", ".join(f"{n['token']!r}{'*' if n['class'] == 'typographic' else ''}" for n in r["neighbours"]),
+            ]
+            for f in fams
+            for r in res["results"][s]["families"][f]
+        ]
         text += f"### {s} (* = typographic variant)\n\n" + markdown_table(["probe", "top-k"], nb) + "\n"
     return text
 
@@ -168,22 +207,26 @@ def plot(res: dict):
         fams, spaces = list(res["families"]), res["spaces"]
         width = 0.8 / len(spaces)
         for i, s in enumerate(spaces):
-            ax.bar([j + i * width for j in range(len(fams))],
-                   [statistics.fmean(r["morphological_at_k"] for r in res["results"][s]["families"][f])
-                    for f in fams], width, label=s)
+            ax.bar(
+                [j + i * width for j in range(len(fams))],
+                [statistics.fmean(r["morphological_at_k"] for r in res["results"][s]["families"][f]) for f in fams],
+                width,
+                label=s,
+            )
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(fams))], fams)
         ax.set_ylabel(f"morphological@{res['k']}")
         ax.set_ylim(0, 1.05)
         ax.legend()
         return fig
+
     return draw
 
 
-def spaces_for(sources: list[str], *, codec: bool, random: bool, pos_dim: int = 32,
-               device: str = "cpu") -> list[Space]:
+def spaces_for(sources: list[str], *, codec: bool, random: bool, pos_dim: int = 32, device: str = "cpu") -> list[Space]:
     """Spaces from kscale checkpoints / HF model folders, plus the codec and random baselines of the
     first source's tokenizer."""
     from ..inference import load_checkpoint
+
     spaces, first = [], None
     for src in sources:
         if (Path(src) / "config.json").is_file():
@@ -205,8 +248,14 @@ def spaces_for(sources: list[str], *, codec: bool, random: bool, pos_dim: int = 
     if random:
         g = torch.Generator().manual_seed(1337)
         width = first.table.shape[1] if first.table is not None else 64
-        spaces.append(Space("random", first.token_bytes, first.encode,
-                            torch.randn(len(first.token_bytes), width, generator=g, dtype=torch.float64)))
+        spaces.append(
+            Space(
+                "random",
+                first.token_bytes,
+                first.encode,
+                torch.randn(len(first.token_bytes), width, generator=g, dtype=torch.float64),
+            )
+        )
     return spaces
 
 
@@ -214,18 +263,31 @@ def _hf_space(folder) -> Space:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..tokenizer.formats import gpt2_byte_to_unicode
+
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(folder))
     table = model.get_input_embeddings().weight.detach()
     to_byte = {u: b for b, u in gpt2_byte_to_unicode().items()}
     pieces = tok.convert_ids_to_tokens(list(range(table.shape[0])))
-    token_bytes = [bytes(to_byte[c] for c in p) if p and all(c in to_byte for c in p) else (p or "").encode()
-                   for p in pieces]
+    token_bytes = [
+        bytes(to_byte[c] for c in p) if p and all(c in to_byte for c in p) else (p or "").encode() for p in pieces
+    ]
     return Space(Path(folder).name, token_bytes, lambda s: tok.encode(s, add_special_tokens=False), table)
 
 
-def geometry_probe(sources, out_dir, *, k: int = 5, codec: bool = True, random: bool = True, pos_dim: int = 32,
-                   families: dict | None = None, device: str = "cpu") -> dict:
-    res = run_geometry(spaces_for(sources, codec=codec, random=random, pos_dim=pos_dim, device=device), families or PROBE_FAMILIES, k)
+def geometry_probe(
+    sources,
+    out_dir,
+    *,
+    k: int = 5,
+    codec: bool = True,
+    random: bool = True,
+    pos_dim: int = 32,
+    families: dict | None = None,
+    device: str = "cpu",
+) -> dict:
+    res = run_geometry(
+        spaces_for(sources, codec=codec, random=random, pos_dim=pos_dim, device=device), families or PROBE_FAMILIES, k
+    )
     res["paths"] = {k_: str(v) for k_, v in write_outputs(out_dir, "geometry", res, markdown(res), plot(res)).items()}
     return res

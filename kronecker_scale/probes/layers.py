@@ -27,6 +27,7 @@ The families and probe words below are this project's lists for the paper's six 
 nation, code, act, build); `--families FILE` takes any other lists (JSON: {name: {root, probes,
 family}}), e.g. the exact lists of the paper's reference results.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,36 +43,161 @@ from .report import labels_for, markdown_table, write_outputs
 K = 10
 LEVELS = ("L", "M", "S")
 FAMILIES: dict[str, dict] = {
-    "run": {"root": "run",
-            "probes": ["run", "runs", "running", "runner", "ran", "rerun", "runners", "runway"],
-            "family": ["run", "runs", "running", "ran", "runner", "runners", "rerun", "reruns", "outrun", "overrun",
-                       "runway", "runways", "runaway", "runnable"]},
-    "compute": {"root": "comput",
-                "probes": ["compute", "computer", "computing", "computation", "computes", "computed", "computers",
-                           "computational"],
-                "family": ["compute", "computes", "computed", "computing", "computer", "computers", "computation",
-                           "computations", "computational", "computationally", "computable", "computability",
-                           "recompute", "recomputed", "uncomputable"]},
-    "nation": {"root": "nation",
-               "probes": ["nation", "nations", "national", "nationally", "international", "nationality",
-                          "nationals", "nationwide"],
-               "family": ["nation", "nations", "national", "nationally", "nationals", "nationality",
-                          "nationalities", "nationalism", "nationalist", "nationalists", "nationwide",
-                          "international", "internationally", "multinational", "transnational"]},
-    "code": {"root": "cod",
-             "probes": ["code", "codes", "coded", "coding", "coder", "encode", "decode", "encoding"],
-             "family": ["code", "codes", "coded", "coding", "coder", "coders", "codec", "codecs", "encode",
-                        "encodes", "encoded", "encoder", "encoding", "decode", "decodes", "decoded", "decoder",
-                        "decoding", "recode", "recoded"]},
-    "act": {"root": "act",
-            "probes": ["act", "acts", "acted", "acting", "action", "actor", "active", "react"],
-            "family": ["act", "acts", "acted", "acting", "action", "actions", "actor", "actors", "actress",
-                       "active", "actively", "activity", "activities", "activate", "activation", "react", "reacts",
-                       "reacted", "reaction", "reactions", "interact", "interaction", "enact", "transact"]},
-    "build": {"root": "build",
-              "probes": ["build", "builds", "built", "builder", "building", "buildings", "rebuild", "rebuilt"],
-              "family": ["build", "builds", "built", "builder", "builders", "building", "buildings", "rebuild",
-                         "rebuilds", "rebuilt", "rebuilding", "prebuilt", "buildup"]},
+    "run": {
+        "root": "run",
+        "probes": ["run", "runs", "running", "runner", "ran", "rerun", "runners", "runway"],
+        "family": [
+            "run",
+            "runs",
+            "running",
+            "ran",
+            "runner",
+            "runners",
+            "rerun",
+            "reruns",
+            "outrun",
+            "overrun",
+            "runway",
+            "runways",
+            "runaway",
+            "runnable",
+        ],
+    },
+    "compute": {
+        "root": "comput",
+        "probes": [
+            "compute",
+            "computer",
+            "computing",
+            "computation",
+            "computes",
+            "computed",
+            "computers",
+            "computational",
+        ],
+        "family": [
+            "compute",
+            "computes",
+            "computed",
+            "computing",
+            "computer",
+            "computers",
+            "computation",
+            "computations",
+            "computational",
+            "computationally",
+            "computable",
+            "computability",
+            "recompute",
+            "recomputed",
+            "uncomputable",
+        ],
+    },
+    "nation": {
+        "root": "nation",
+        "probes": [
+            "nation",
+            "nations",
+            "national",
+            "nationally",
+            "international",
+            "nationality",
+            "nationals",
+            "nationwide",
+        ],
+        "family": [
+            "nation",
+            "nations",
+            "national",
+            "nationally",
+            "nationals",
+            "nationality",
+            "nationalities",
+            "nationalism",
+            "nationalist",
+            "nationalists",
+            "nationwide",
+            "international",
+            "internationally",
+            "multinational",
+            "transnational",
+        ],
+    },
+    "code": {
+        "root": "cod",
+        "probes": ["code", "codes", "coded", "coding", "coder", "encode", "decode", "encoding"],
+        "family": [
+            "code",
+            "codes",
+            "coded",
+            "coding",
+            "coder",
+            "coders",
+            "codec",
+            "codecs",
+            "encode",
+            "encodes",
+            "encoded",
+            "encoder",
+            "encoding",
+            "decode",
+            "decodes",
+            "decoded",
+            "decoder",
+            "decoding",
+            "recode",
+            "recoded",
+        ],
+    },
+    "act": {
+        "root": "act",
+        "probes": ["act", "acts", "acted", "acting", "action", "actor", "active", "react"],
+        "family": [
+            "act",
+            "acts",
+            "acted",
+            "acting",
+            "action",
+            "actions",
+            "actor",
+            "actors",
+            "actress",
+            "active",
+            "actively",
+            "activity",
+            "activities",
+            "activate",
+            "activation",
+            "react",
+            "reacts",
+            "reacted",
+            "reaction",
+            "reactions",
+            "interact",
+            "interaction",
+            "enact",
+            "transact",
+        ],
+    },
+    "build": {
+        "root": "build",
+        "probes": ["build", "builds", "built", "builder", "building", "buildings", "rebuild", "rebuilt"],
+        "family": [
+            "build",
+            "builds",
+            "built",
+            "builder",
+            "builders",
+            "building",
+            "buildings",
+            "rebuild",
+            "rebuilds",
+            "rebuilt",
+            "rebuilding",
+            "prebuilt",
+            "buildup",
+        ],
+    },
 }
 
 
@@ -86,12 +212,21 @@ def read_families(path: str | Path) -> dict[str, dict]:
     except (OSError, json.JSONDecodeError) as e:
         raise KScaleError(f"cannot read the families file ({e})", where=str(path)) from None
     for name, fam in fams.items() if isinstance(fams, dict) else [("?", None)]:
-        ok = (isinstance(fam, dict) and isinstance(fam.get("root"), str) and fam["root"]
-              and all(isinstance(fam.get(k), list) and fam[k] and all(isinstance(w, str) and w for w in fam[k])
-                      for k in ("probes", "family")))
+        ok = (
+            isinstance(fam, dict)
+            and isinstance(fam.get("root"), str)
+            and fam["root"]
+            and all(
+                isinstance(fam.get(k), list) and fam[k] and all(isinstance(w, str) and w for w in fam[k])
+                for k in ("probes", "family")
+            )
+        )
         if not ok:
-            raise KScaleError(f"family {name!r} is not {{root: str, probes: [str], family: [str]}}", where=str(path),
-                              fix='e.g. {"run": {"root": "run", "probes": ["run", "runs"], "family": ["run", "runs"]}}')
+            raise KScaleError(
+                f"family {name!r} is not {{root: str, probes: [str], family: [str]}}",
+                where=str(path),
+                fix='e.g. {"run": {"root": "run", "probes": ["run", "runs"], "family": ["run", "runs"]}}',
+            )
     return fams
 
 
@@ -100,6 +235,7 @@ def read_families(path: str | Path) -> dict[str, dict]:
 def representations(ck, n_layers: int = 2, chunk: int = 2048) -> dict[str, torch.Tensor]:
     """{E_raw, E_post, L0, L1, ...} -> [V real ids, d] float64: every id alone at position 0."""
     from ..inference.load import cpu_layer
+
     model = ck.model
     layers = min(n_layers, len(model.decoder.layers))
     names = ["E_post", *[f"L{i}" for i in range(layers)]]
@@ -109,9 +245,10 @@ def representations(ck, n_layers: int = 2, chunk: int = 2048) -> dict[str, torch
     def keep(name, last):
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            captured[name] = h.detach()[0].double().cpu()          # [s=1, b, d] -> [b, d]
+            captured[name] = h.detach()[0].double().cpu()  # [s=1, b, d] -> [b, d]
             if last:
                 raise _Stop
+
         return hook
 
     hooks = [model.embedding.register_forward_hook(keep("E_post", layers == 0))]
@@ -148,8 +285,11 @@ def score_neighbours(texts: list[str], probe: str, root: str, family: set[str]) 
     forms = [canonical(t) for t in texts]
     mine = canonical(probe)
     n = len(forms)
-    return {"L": sum(f != mine for f in forms) / n, "M": sum(root in f for f in forms) / n,
-            "S": sum(f in family for f in forms) / n}
+    return {
+        "L": sum(f != mine for f in forms) / n,
+        "M": sum(root in f for f in forms) / n,
+        "S": sum(f in family for f in forms) / n,
+    }
 
 
 def run_layers(checkpoints, families: dict | None = None, k: int = K, n_layers: int = 2) -> dict:
@@ -184,56 +324,103 @@ def run_layers(checkpoints, families: dict | None = None, k: int = K, n_layers: 
                     cos[q] = -float("inf")
                     top = torch.topk(cos, k)
                     texts = [token_text[i] for i in top.indices.tolist()]
-                    row[name] = {"top_ids": top.indices.tolist(), "top_tokens": texts,
-                                 "top_cosines": [round(float(c), 6) for c in top.values],
-                                 **score_neighbours(texts, word, spec["root"], family_set)}
+                    row[name] = {
+                        "top_ids": top.indices.tolist(),
+                        "top_tokens": texts,
+                        "top_cosines": [round(float(c), 6) for c in top.values],
+                        **score_neighbours(texts, word, spec["root"], family_set),
+                    }
                 rows.append(row)
             probes[fam] = rows
             per_family[fam] = {n: {lv: statistics.fmean(r[n][lv] for r in rows) for lv in LEVELS} for n in reps}
         overall = {n: {lv: statistics.fmean(per_family[f][n][lv] for f in families) for lv in LEVELS} for n in reps}
-        depth = ["E_raw", *[n for n in rep_names if n.startswith("L")]]       # E_post has E_raw's geometry
+        depth = ["E_raw", *[n for n in rep_names if n.startswith("L")]]  # E_post has E_raw's geometry
         deltas = {f"{b}-{a}": {lv: overall[b][lv] - overall[a][lv] for lv in LEVELS} for a, b in zip(depth, depth[1:])}
         c = ck.model_cfg
         results[label] = {
             "checkpoint": str(ck.path),
-            "model_info": {"input_layer": c.input_layer, "head": c.head, "pos_dim": c.pos_dim if c.input_layer ==
-                           "kronecker" else None, "vocab_size": ck.vocab_size, "d_model": c.d_model,
-                           "n_layers": c.n_layers, "position": c.position, "step": ck.step, "tokens": ck.tokens},
-            "centred_mean_norm": norms, "sanity": {"self_retrieval": self_ok, "single_token_probes": single,
-                                                  "probes": sum(len(s["probes"]) for s in families.values()),
-                                                  "centred_random_pair_cosine": random_cos},
-            "overall": overall, "deltas": deltas, "per_family": per_family, "probes": probes}
-    return {"k": k, "levels": {"L": "loose: not a typographic variant", "M": "root-substring",
-                               "S": "strict family"},
-            "representations": rep_names, "families": families, "models": labels, "results": results}
+            "model_info": {
+                "input_layer": c.input_layer,
+                "head": c.head,
+                "pos_dim": c.pos_dim if c.input_layer == "kronecker" else None,
+                "vocab_size": ck.vocab_size,
+                "d_model": c.d_model,
+                "n_layers": c.n_layers,
+                "position": c.position,
+                "step": ck.step,
+                "tokens": ck.tokens,
+            },
+            "centred_mean_norm": norms,
+            "sanity": {
+                "self_retrieval": self_ok,
+                "single_token_probes": single,
+                "probes": sum(len(s["probes"]) for s in families.values()),
+                "centred_random_pair_cosine": random_cos,
+            },
+            "overall": overall,
+            "deltas": deltas,
+            "per_family": per_family,
+            "probes": probes,
+        }
+    return {
+        "k": k,
+        "levels": {"L": "loose: not a typographic variant", "M": "root-substring", "S": "strict family"},
+        "representations": rep_names,
+        "families": families,
+        "models": labels,
+        "results": results,
+    }
 
 
 # --- report --------------------------------------------------------------------------------------------
 def markdown(res: dict) -> str:
     k = res["k"]
-    rows = [[m, n, *[f"{res['results'][m]['overall'][n][lv]:.3f}" for lv in LEVELS],
-             f"{res['results'][m]['centred_mean_norm'][n]:.4g}"]
-            for m in res["models"] for n in res["representations"]]
-    text = (f"# Layered probe: morph@{k} through the first layers\n\n"
-            f"L = loose (neighbours that are not case/space variants of the probe), M = root-substring, "
-            f"S = strict family; {sum(len(f['probes']) for f in res['families'].values())} probes in "
-            f"{len(res['families'])} families, every representation centred.\n\n"
-            + markdown_table(["model", "representation", "L", "M", "S", "centred mean norm"], rows))
+    rows = [
+        [
+            m,
+            n,
+            *[f"{res['results'][m]['overall'][n][lv]:.3f}" for lv in LEVELS],
+            f"{res['results'][m]['centred_mean_norm'][n]:.4g}",
+        ]
+        for m in res["models"]
+        for n in res["representations"]
+    ]
+    text = (
+        f"# Layered probe: morph@{k} through the first layers\n\n"
+        f"L = loose (neighbours that are not case/space variants of the probe), M = root-substring, "
+        f"S = strict family; {sum(len(f['probes']) for f in res['families'].values())} probes in "
+        f"{len(res['families'])} families, every representation centred.\n\n"
+        + markdown_table(["model", "representation", "L", "M", "S", "centred mean norm"], rows)
+    )
     fams = list(res["families"])
     for m in res["models"]:
         r = res["results"][m]
         s = r["sanity"]
-        text += (f"\n## {m} ({r['model_info']['input_layer']}, step {r['model_info']['step']})\n\n"
-                 f"self-retrieval: {'pass' if s['self_retrieval'] else 'FAIL'}; single-token probes: "
-                 f"{s['single_token_probes']}/{s['probes']}; centred random-pair cosine: "
-                 + ", ".join(f"{n} {v:+.4f}" for n, v in s["centred_random_pair_cosine"].items()) + "\n\n")
-        fam_rows = [[f, n, *[f"{r['per_family'][f][n][lv]:.3f}" for lv in LEVELS]]
-                    for f in fams for n in res["representations"] if n != "E_post"]
+        text += (
+            f"\n## {m} ({r['model_info']['input_layer']}, step {r['model_info']['step']})\n\n"
+            f"self-retrieval: {'pass' if s['self_retrieval'] else 'FAIL'}; single-token probes: "
+            f"{s['single_token_probes']}/{s['probes']}; centred random-pair cosine: "
+            + ", ".join(f"{n} {v:+.4f}" for n, v in s["centred_random_pair_cosine"].items())
+            + "\n\n"
+        )
+        fam_rows = [
+            [f, n, *[f"{r['per_family'][f][n][lv]:.3f}" for lv in LEVELS]]
+            for f in fams
+            for n in res["representations"]
+            if n != "E_post"
+        ]
         text += markdown_table(["family", "representation", "L", "M", "S"], fam_rows)
         last = res["representations"][-1]
-        ex = [[f, repr(row["probe"]), " · ".join(repr(t) for t in row["E_raw"]["top_tokens"]),
-               " · ".join(repr(t) for t in row[last]["top_tokens"])]
-              for f in fams for row in r["probes"][f][:1]]
+        ex = [
+            [
+                f,
+                repr(row["probe"]),
+                " · ".join(repr(t) for t in row["E_raw"]["top_tokens"]),
+                " · ".join(repr(t) for t in row[last]["top_tokens"]),
+            ]
+            for f in fams
+            for row in r["probes"][f][:1]
+        ]
         text += "\n" + markdown_table(["family", "probe", f"E_raw top-{k}", f"{last} top-{k}"], ex)
     return text
 
@@ -250,12 +437,15 @@ def plot(res: dict):
         axes[0].set_ylabel(f"morph@{res['k']}")
         axes[0].legend()
         return fig
+
     return draw
 
 
-def layers_probe(checkpoint_paths, out_dir, *, families: dict | None = None, k: int = K, n_layers: int = 2,
-                 device: str = "cpu") -> dict:
+def layers_probe(
+    checkpoint_paths, out_dir, *, families: dict | None = None, k: int = K, n_layers: int = 2, device: str = "cpu"
+) -> dict:
     from ..inference import load_checkpoint
+
     res = run_layers([load_checkpoint(p, device) for p in checkpoint_paths], families, k, n_layers)
     res["paths"] = {k_: str(v) for k_, v in write_outputs(out_dir, "layers", res, markdown(res), plot(res)).items()}
     return res

@@ -14,6 +14,7 @@ The paper's own statistics ("Kronecker projection norm stays near 1.0"):
   and `table_row_norm_std`.
 `paper_norm` / `paper_norm_std` hold whichever of the two the input layer has.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,25 +40,38 @@ def weight_stats(step_dir: Path) -> dict:
     from ..embedding import ByteTable, kronecker_embed_torch
     from ..embedding.codec import scale_tables
     from ..inference import read_config, read_tensors
+
     cfg = read_config(step_dir)
     w = read_tensors(step_dir, [KEY])[KEY].double()
     row = w.norm(dim=1)
     if cfg.model.input_layer == "kronecker":
         table = ByteTable.load(step_dir / "byte_table.safetensors")
         n = table.num_token_ids
-        alpha, beta = scale_tables(table.pos_dim, length_normalize=cfg.model.length_normalize,
-                                   z_normalize=cfg.model.z_normalize, eps=cfg.model.codec_eps)
+        alpha, beta = scale_tables(
+            table.pos_dim,
+            length_normalize=cfg.model.length_normalize,
+            z_normalize=cfg.model.z_normalize,
+            eps=cfg.model.codec_eps,
+        )
         emb = kronecker_embed_torch(table.bytes[:n], table.lengths[:n], w, alpha, beta)
     else:
         from ..tokenizer import load_tokenizer
         from ..tokenizer.assets import tokenizer_path
+
         emb = w[: load_tokenizer(tokenizer_path(cfg.tokenizer.path)).vocab_size]
     state = torch.load(step_dir / "trainer_state.pt", weights_only=False)
     paper = paper_norms(w, cfg.model.input_layer, real_rows=emb.shape[0])
-    return {"step": int(state["step"]), "tokens": int(state["tokens"]), "checkpoint": str(step_dir),
-            "input_layer": cfg.model.input_layer, "weight_row_norm": float(row.mean()), "weight_std": float(w.std()),
-            "embedding_rms": float(emb.pow(2).mean().sqrt()), "embedding_row_norm": float(emb.norm(dim=1).mean()),
-            **paper}
+    return {
+        "step": int(state["step"]),
+        "tokens": int(state["tokens"]),
+        "checkpoint": str(step_dir),
+        "input_layer": cfg.model.input_layer,
+        "weight_row_norm": float(row.mean()),
+        "weight_std": float(w.std()),
+        "embedding_rms": float(emb.pow(2).mean().sqrt()),
+        "embedding_row_norm": float(emb.norm(dim=1).mean()),
+        **paper,
+    }
 
 
 def paper_norms(w: torch.Tensor, input_layer: str, real_rows: int | None = None) -> dict:
@@ -67,13 +81,26 @@ def paper_norms(w: torch.Tensor, input_layer: str, real_rows: int | None = None)
     if input_layer == "kronecker":
         units = w.norm(dim=0)
         mean, std = float(units.mean()), float(units.std()) if units.numel() > 1 else 0.0
-        return {"projection_unit_norm": mean, "projection_unit_norm_std": std, "table_row_norm": None,
-                "table_row_norm_std": None, "paper_norm": mean, "paper_norm_std": std,
-                "paper_norm_name": "projection_unit_norm"}
+        return {
+            "projection_unit_norm": mean,
+            "projection_unit_norm_std": std,
+            "table_row_norm": None,
+            "table_row_norm_std": None,
+            "paper_norm": mean,
+            "paper_norm_std": std,
+            "paper_norm_name": "projection_unit_norm",
+        }
     rows = w[: real_rows or w.shape[0]].norm(dim=1)
     mean, std = float(rows.mean()), float(rows.std()) if rows.numel() > 1 else 0.0
-    return {"projection_unit_norm": None, "projection_unit_norm_std": None, "table_row_norm": mean,
-            "table_row_norm_std": std, "paper_norm": mean, "paper_norm_std": std, "paper_norm_name": "table_row_norm"}
+    return {
+        "projection_unit_norm": None,
+        "projection_unit_norm_std": None,
+        "table_row_norm": mean,
+        "table_row_norm_std": std,
+        "paper_norm": mean,
+        "paper_norm_std": std,
+        "paper_norm_name": "table_row_norm",
+    }
 
 
 def run_norm_drift(runs: list) -> dict:
@@ -89,16 +116,39 @@ def run_norm_drift(runs: list) -> dict:
 
 
 def markdown(res: dict) -> str:
-    cols = ["run", "step", "tokens", "paper's norm (± std)", "paper's norm drift", "weight row norm", "weight std",
-            "embedding RMS", "embedding row norm", "RMS drift"]
-    rows = [[run, r["step"], f"{r['tokens']:,}",
-             f"{r['paper_norm_name']} {r['paper_norm']:.4f} ± {r['paper_norm_std']:.4f}", f"{r['paper_norm_drift']:.3f}",
-             f"{r['weight_row_norm']:.4f}", f"{r['weight_std']:.5f}",
-             f"{r['embedding_rms']:.4f}", f"{r['embedding_row_norm']:.4f}", f"{r['embedding_rms_drift']:.3f}"]
-            for run in res["runs"] for r in res["results"][run]]
-    return ("# Input-layer norm drift across checkpoints\n\n"
-            "paper's norm: Kronecker `projection_unit_norm` (mean L2 norm of W's d columns, 1.0 at init), "
-            "BPE `table_row_norm` (mean L2 norm of the table's real rows)\n\n" + markdown_table(cols, rows))
+    cols = [
+        "run",
+        "step",
+        "tokens",
+        "paper's norm (± std)",
+        "paper's norm drift",
+        "weight row norm",
+        "weight std",
+        "embedding RMS",
+        "embedding row norm",
+        "RMS drift",
+    ]
+    rows = [
+        [
+            run,
+            r["step"],
+            f"{r['tokens']:,}",
+            f"{r['paper_norm_name']} {r['paper_norm']:.4f} ± {r['paper_norm_std']:.4f}",
+            f"{r['paper_norm_drift']:.3f}",
+            f"{r['weight_row_norm']:.4f}",
+            f"{r['weight_std']:.5f}",
+            f"{r['embedding_rms']:.4f}",
+            f"{r['embedding_row_norm']:.4f}",
+            f"{r['embedding_rms_drift']:.3f}",
+        ]
+        for run in res["runs"]
+        for r in res["results"][run]
+    ]
+    return (
+        "# Input-layer norm drift across checkpoints\n\n"
+        "paper's norm: Kronecker `projection_unit_norm` (mean L2 norm of W's d columns, 1.0 at init), "
+        "BPE `table_row_norm` (mean L2 norm of the table's real rows)\n\n" + markdown_table(cols, rows)
+    )
 
 
 def plot(res: dict):
@@ -109,15 +159,28 @@ def plot(res: dict):
             steps = [r["step"] for r in rows]
             axes[0].plot(steps, [r["embedding_rms_drift"] for r in rows], marker="o", label=run)
             axes[1].plot(steps, [r["weight_row_norm_drift"] for r in rows], marker="o", label=run)
-            axes[2].errorbar(steps, [r["paper_norm"] for r in rows], yerr=[r["paper_norm_std"] for r in rows],
-                             marker="o", capsize=3, label=f"{run} ({rows[0]['paper_norm_name']})")
+            axes[2].errorbar(
+                steps,
+                [r["paper_norm"] for r in rows],
+                yerr=[r["paper_norm_std"] for r in rows],
+                marker="o",
+                capsize=3,
+                label=f"{run} ({rows[0]['paper_norm_name']})",
+            )
         axes[2].axhline(1.0, color="grey", lw=0.8, ls="--")
-        for ax, title in zip(axes, ["input embedding RMS / first checkpoint", "weight row norm / first checkpoint",
-                                    "paper's norm (Kronecker: W column norm; BPE: table row norm)"]):
+        for ax, title in zip(
+            axes,
+            [
+                "input embedding RMS / first checkpoint",
+                "weight row norm / first checkpoint",
+                "paper's norm (Kronecker: W column norm; BPE: table row norm)",
+            ],
+        ):
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.legend()
         return fig
+
     return draw
 
 

@@ -16,6 +16,7 @@ listed in the result and warned about, and still scored, so a published pair set
 Pairs files: JSON Lines {category, clean, typo, ...} (the shipped set), or a JSON file holding a list of
 such records or {"prompt_pairs": [...]} (the layout of the paper's reference results file).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ def read_pairs(path: str | Path) -> list[dict]:
         raise KScaleError("pairs file not found", where=str(path), fix=f"see {default_pairs()} for the format")
     text = path.read_text(encoding="utf-8")
     records = _json_document(text, path)
-    if records is None:                           # JSON Lines
+    if records is None:  # JSON Lines
         records = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -54,12 +55,16 @@ def read_pairs(path: str | Path) -> list[dict]:
                 raise KScaleError(f"malformed JSON ({e.msg})", where=f"{path}:{n}") from None
     pairs: list[dict] = []
     for where, rec in records:
-        missing = [k for k in REQUIRED if not isinstance(rec, dict) or not isinstance(rec.get(k), str)
-                   or not rec.get(k)]
+        missing = [
+            k for k in REQUIRED if not isinstance(rec, dict) or not isinstance(rec.get(k), str) or not rec.get(k)
+        ]
         if missing:
-            raise KScaleError(f"pair has no string field {missing[0]!r}", where=where,
-                              fix='each line is {"category": ..., "clean": ..., "typo": ...}')
-        assert isinstance(rec, dict)              # checked just above
+            raise KScaleError(
+                f"pair has no string field {missing[0]!r}",
+                where=where,
+                fix='each line is {"category": ..., "clean": ..., "typo": ...}',
+            )
+        assert isinstance(rec, dict)  # checked just above
         pairs.append(rec)
     if not pairs:
         raise KScaleError("pairs file is empty", where=str(path))
@@ -74,13 +79,13 @@ def _json_document(text: str, path: Path) -> list[tuple[str, object]] | None:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError:
-        return None                               # several JSON objects: JSON Lines
+        return None  # several JSON objects: JSON Lines
     if isinstance(doc, dict) and isinstance(doc.get("prompt_pairs"), list):
         doc = doc["prompt_pairs"]
     elif isinstance(doc, dict):
-        return [(f"{path}:1", doc)]               # one pair on one line
+        return [(f"{path}:1", doc)]  # one pair on one line
     if not isinstance(doc, list):
-        raise KScaleError("a JSON pairs file holds a list of pairs or {\"prompt_pairs\": [...]}", where=str(path))
+        raise KScaleError('a JSON pairs file holds a list of pairs or {"prompt_pairs": [...]}', where=str(path))
     return [(f"{path}: pair {i}", rec) for i, rec in enumerate(doc)]
 
 
@@ -100,8 +105,10 @@ def suspect_pairs(pairs: list[dict]) -> list[dict]:
 
 def token_counts(tokenizer, pairs: list[dict]) -> list[dict]:
     """{tokens_clean, tokens_typo} of every pair with this tokenizer (no special tokens added)."""
-    return [{"tokens_clean": len(tokenizer.encode(p["clean"])), "tokens_typo": len(tokenizer.encode(p["typo"]))}
-            for p in pairs]
+    return [
+        {"tokens_clean": len(tokenizer.encode(p["clean"])), "tokens_typo": len(tokenizer.encode(p["typo"]))}
+        for p in pairs
+    ]
 
 
 def token_stats(records: list[dict]) -> dict:
@@ -109,34 +116,46 @@ def token_stats(records: list[dict]) -> dict:
     n = len(records)
     clean = sum(r["tokens_clean"] for r in records)
     typo = sum(r["tokens_typo"] for r in records)
-    return {"token_inflation": (typo - clean) / n if n else float("nan"),
-            "token_ratio": typo / clean if clean else float("nan")}
+    return {
+        "token_inflation": (typo - clean) / n if n else float("nan"),
+        "token_ratio": typo / clean if clean else float("nan"),
+    }
 
 
 @torch.no_grad()
 def score_pair(ck, clean: str, typo: str) -> dict:
     a, b = ck.tokenizer.encode(clean), ck.tokenizer.encode(typo)
-    la, ha = ck.forward(torch.tensor(a[-ck.model_cfg.seq_len:]))
-    lb, hb = ck.forward(torch.tensor(b[-ck.model_cfg.seq_len:]))
+    la, ha = ck.forward(torch.tensor(a[-ck.model_cfg.seq_len :]))
+    lb, hb = ck.forward(torch.tensor(b[-ck.model_cfg.seq_len :]))
     p, q = torch.log_softmax(la[0, -1].double(), -1), torch.log_softmax(lb[0, -1].double(), -1)
     top = int(p.argmax())
-    return {"top1_clean": top, "top1_typo": int(q.argmax()), "preserved": top == int(q.argmax()),
-            "kl": max(float((p.exp() * (p - q)).sum()), 0.0),
-            "cosine": float(torch.cosine_similarity(ha[0, -1].double(), hb[0, -1].double(), dim=0)),
-            "logprob_drop": float(p[top] - q[top]), "tokens_clean": len(a), "tokens_typo": len(b),
-            "top1_clean_text": ck.tokenizer.decode([top])}
+    return {
+        "top1_clean": top,
+        "top1_typo": int(q.argmax()),
+        "preserved": top == int(q.argmax()),
+        "kl": max(float((p.exp() * (p - q)).sum()), 0.0),
+        "cosine": float(torch.cosine_similarity(ha[0, -1].double(), hb[0, -1].double(), dim=0)),
+        "logprob_drop": float(p[top] - q[top]),
+        "tokens_clean": len(a),
+        "tokens_typo": len(b),
+        "top1_clean_text": ck.tokenizer.decode([top]),
+    }
 
 
 def summarise(records: list[dict]) -> dict:
     kls = [r["kl"] for r in records]
-    return {"pairs": len(records), "top1_rate": sum(r["preserved"] for r in records) / len(records),
-            "top1_matches": sum(r["preserved"] for r in records),
-            "mean_kl": statistics.fmean(kls), "median_kl": statistics.median(kls),
-            "cosine": statistics.fmean(r["cosine"] for r in records),
-            "logprob_drop": statistics.fmean(r["logprob_drop"] for r in records),
-            "distinct_top1_clean": len({r["top1_clean"] for r in records}),
-            "distinct_top1_typo": len({r["top1_typo"] for r in records}),
-            **token_stats(records)}
+    return {
+        "pairs": len(records),
+        "top1_rate": sum(r["preserved"] for r in records) / len(records),
+        "top1_matches": sum(r["preserved"] for r in records),
+        "mean_kl": statistics.fmean(kls),
+        "median_kl": statistics.median(kls),
+        "cosine": statistics.fmean(r["cosine"] for r in records),
+        "logprob_drop": statistics.fmean(r["logprob_drop"] for r in records),
+        "distinct_top1_clean": len({r["top1_clean"] for r in records}),
+        "distinct_top1_typo": len({r["top1_typo"] for r in records}),
+        **token_stats(records),
+    }
 
 
 def run_typos(pairs: list[dict], checkpoints: list) -> dict:
@@ -146,32 +165,66 @@ def run_typos(pairs: list[dict], checkpoints: list) -> dict:
     results = {}
     for label, ck in zip(labels, checkpoints):
         records = [{**pair, **score_pair(ck, pair["clean"], pair["typo"])} for pair in pairs]
-        results[label] = {"checkpoint": str(ck.path), "overall": summarise(records),
-                          "by_category": {c: summarise([r for r in records if r["category"] == c])
-                                          for c in categories},
-                          "pairs": records}
+        results[label] = {
+            "checkpoint": str(ck.path),
+            "overall": summarise(records),
+            "by_category": {c: summarise([r for r in records if r["category"] == c]) for c in categories},
+            "pairs": records,
+        }
     return {"models": labels, "categories": categories, "suspect_pairs": suspect_pairs(pairs), "results": results}
 
 
 def markdown(res: dict) -> str:
     models = res["models"]
-    overall = [[m, f"{o['top1_rate']:.4f}", f"{o['mean_kl']:.4f}", f"{o['median_kl']:.4f}", f"{o['cosine']:.4f}",
-                f"{o['logprob_drop']:.4f}", f"{o['token_inflation']:.3f}", f"{o['token_ratio']:.3f}",
-                f"{o['distinct_top1_clean']} / {o['distinct_top1_typo']}"]
-               for m in models for o in [res["results"][m]["overall"]]]
-    cols = ["model", "top-1 preserved", "mean KL", "median KL", "cosine", "log-prob drop",
-            "token inflation (mean extra tokens)", "token ratio", "distinct top-1 (clean / typo)"]
-    cat_rows = [[c, *[f"{res['results'][m]['by_category'][c]['top1_matches']}/"
-                      f"{res['results'][m]['by_category'][c]['pairs']} ({res['results'][m]['by_category'][c]['mean_kl']:.3f})"
-                      for m in models]] for c in res["categories"]]
-    text = ("# Spelling robustness (typo probe)\n\n" + markdown_table(cols, overall)
-            + "\n## Per category: top-1 preserved (mean KL)\n\n" + markdown_table(["category", *models], cat_rows))
+    overall = [
+        [
+            m,
+            f"{o['top1_rate']:.4f}",
+            f"{o['mean_kl']:.4f}",
+            f"{o['median_kl']:.4f}",
+            f"{o['cosine']:.4f}",
+            f"{o['logprob_drop']:.4f}",
+            f"{o['token_inflation']:.3f}",
+            f"{o['token_ratio']:.3f}",
+            f"{o['distinct_top1_clean']} / {o['distinct_top1_typo']}",
+        ]
+        for m in models
+        for o in [res["results"][m]["overall"]]
+    ]
+    cols = [
+        "model",
+        "top-1 preserved",
+        "mean KL",
+        "median KL",
+        "cosine",
+        "log-prob drop",
+        "token inflation (mean extra tokens)",
+        "token ratio",
+        "distinct top-1 (clean / typo)",
+    ]
+    cat_rows = [
+        [
+            c,
+            *[
+                f"{res['results'][m]['by_category'][c]['top1_matches']}/"
+                f"{res['results'][m]['by_category'][c]['pairs']} ({res['results'][m]['by_category'][c]['mean_kl']:.3f})"
+                for m in models
+            ],
+        ]
+        for c in res["categories"]
+    ]
+    text = (
+        "# Spelling robustness (typo probe)\n\n"
+        + markdown_table(cols, overall)
+        + "\n## Per category: top-1 preserved (mean KL)\n\n"
+        + markdown_table(["category", *models], cat_rows)
+    )
     suspects = res.get("suspect_pairs") or []
     if suspects:
-        text += (f"\n## Suspect pairs ({len(suspects)}, scored like the others)\n\n"
-                 + markdown_table(["#", "category", "clean", "typo", "why"],
-                                  [[x["index"], x["category"], repr(x["clean"]), repr(x["typo"]), x["reason"]]
-                                   for x in suspects]))
+        text += f"\n## Suspect pairs ({len(suspects)}, scored like the others)\n\n" + markdown_table(
+            ["#", "category", "clean", "typo", "why"],
+            [[x["index"], x["category"], repr(x["clean"]), repr(x["typo"]), x["reason"]] for x in suspects],
+        )
     return text
 
 
@@ -189,11 +242,13 @@ def plot(res: dict):
             ax.set_title(title)
             ax.legend()
         return fig
+
     return draw
 
 
 def typos_probe(pairs_path, checkpoint_paths, out_dir, device: str = "cpu") -> dict:
     from ..inference import load_checkpoint
+
     pairs = read_pairs(pairs_path)
     warn_suspects(suspect_pairs(pairs), pairs_path)
     checkpoints = [load_checkpoint(p, device) for p in checkpoint_paths]
@@ -206,5 +261,8 @@ def typos_probe(pairs_path, checkpoint_paths, out_dir, device: str = "cpu") -> d
 def warn_suspects(suspects: list[dict], pairs_path, stream=None) -> None:
     """One warning line per suspect pair (on stderr): they are scored, but measure no typo."""
     for x in suspects:
-        print(f"warning: {pairs_path}: pair {x['index']} ({x['category']}) {x['reason']}: clean {x['clean']!r}, "
-              f"typo {x['typo']!r} (scored, but it measures no spelling change)", file=stream or sys.stderr)
+        print(
+            f"warning: {pairs_path}: pair {x['index']} ({x['category']}) {x['reason']}: clean {x['clean']!r}, "
+            f"typo {x['typo']!r} (scored, but it measures no spelling change)",
+            file=stream or sys.stderr,
+        )

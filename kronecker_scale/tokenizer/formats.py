@@ -13,6 +13,7 @@ Mistral's Tekken JSON and a SentencePiece `.model`. Each reader gives, per id:
 
 and `encode(text)` / `decode(ids)` for the data pipeline and the tests.
 """
+
 from __future__ import annotations
 
 import base64
@@ -37,8 +38,9 @@ EXPECTED_FORMATS = (
 
 def gpt2_byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-unicode alphabet used by byte-level BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -148,20 +150,25 @@ class HFTokenizer(TokenizerFile):
         elif isinstance(vocab, dict):
             self.pieces = {int(i): p for p, i in vocab.items()}
         else:
-            raise KScaleError("tokenizer.json has no model.vocab", where=str(path),
-                              fix=f"pass {EXPECTED_FORMATS}")
+            raise KScaleError("tokenizer.json has no model.vocab", where=str(path), fix=f"pass {EXPECTED_FORMATS}")
         self.added = {int(t["id"]): t for t in spec.get("added_tokens") or []}
         self.special_ids = frozenset(i for i, t in self.added.items() if t.get("special"))
-        self.byte_level = _has_component(spec.get("pre_tokenizer"), "ByteLevel") or \
-            _has_component(spec.get("decoder"), "ByteLevel")
+        self.byte_level = _has_component(spec.get("pre_tokenizer"), "ByteLevel") or _has_component(
+            spec.get("decoder"), "ByteLevel"
+        )
         self.byte_fallback = bool(model.get("byte_fallback"))
         self.subword_prefix = model.get("continuing_subword_prefix") if self.model_type == "WordPiece" else None
-        eos = [i for i, t in self.added.items() if t.get("content") in ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")]
+        eos = [
+            i
+            for i, t in self.added.items()
+            if t.get("content") in ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+        ]
         self.eos_id = min(eos) if eos else None
 
     @cached_property
     def _hf(self):
         from tokenizers import Tokenizer
+
         return Tokenizer.from_str(json.dumps(self.spec))
 
     def _piece_bytes(self, piece: str) -> bytes:
@@ -175,7 +182,7 @@ class HFTokenizer(TokenizerFile):
             except KeyError:  # a piece outside the byte alphabet (rare hand-added entries)
                 return piece.encode("utf-8")
         if self.subword_prefix and piece.startswith(self.subword_prefix):
-            piece = piece[len(self.subword_prefix):]
+            piece = piece[len(self.subword_prefix) :]
         return piece.replace(_SP_SPACE, " ").encode("utf-8")
 
     def _size(self) -> int:
@@ -214,23 +221,43 @@ class HFTokenizer(TokenizerFile):
 # ------------------------------------------------------------------------------------------
 # tiktoken rank files (and Tekken, which is tiktoken ranks behind 1000 special ids)
 # ------------------------------------------------------------------------------------------
-_CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++"""
-                   r"""[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-_O200K_PATTERN = "|".join([
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""\p{N}{1,3}""", r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""", r"""\s*[\r\n]+""", r"""\s+(?!\S)""", r"""\s+""",
-])
+_CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++"""
+    r"""[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+_O200K_PATTERN = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
 _R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-_LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                   r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_LLAMA3_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 def _llama3_specials(num_ranks: int) -> dict[str, int]:
-    named = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-             "<|image|>"]
+    named = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>",
+        "<|step_id|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
+        "<|image|>",
+    ]
     names = named + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(named))]
     return {name: num_ranks + i for i, name in enumerate(names)}
 
@@ -239,15 +266,35 @@ def _llama3_specials(num_ranks: int) -> dict[str, int]:
 # Official hashes as published with tiktoken; Llama 3's as shipped in llama-models 0.3.0.
 KNOWN_TIKTOKEN = {
     "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930": (
-        "r50k_base", _R50K_PATTERN, {"<|endoftext|>": 50256}, "<|endoftext|>"),
+        "r50k_base",
+        _R50K_PATTERN,
+        {"<|endoftext|>": 50256},
+        "<|endoftext|>",
+    ),
     "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7": (
-        "cl100k_base", _CL100K_PATTERN, {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258,
-                                         "<|fim_middle|>": 100259, "<|fim_suffix|>": 100260,
-                                         "<|endofprompt|>": 100276}, "<|endoftext|>"),
+        "cl100k_base",
+        _CL100K_PATTERN,
+        {
+            "<|endoftext|>": 100257,
+            "<|fim_prefix|>": 100258,
+            "<|fim_middle|>": 100259,
+            "<|fim_suffix|>": 100260,
+            "<|endofprompt|>": 100276,
+        },
+        "<|endoftext|>",
+    ),
     "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d": (
-        "o200k_base", _O200K_PATTERN, {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}, "<|endoftext|>"),
+        "o200k_base",
+        _O200K_PATTERN,
+        {"<|endoftext|>": 199999, "<|endofprompt|>": 200018},
+        "<|endoftext|>",
+    ),
     "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55": (
-        "llama3", _LLAMA3_PATTERN, _llama3_specials(128000), "<|end_of_text|>"),
+        "llama3",
+        _LLAMA3_PATTERN,
+        _llama3_specials(128000),
+        "<|end_of_text|>",
+    ),
 }
 
 
@@ -260,8 +307,9 @@ def parse_tiktoken_ranks(raw: bytes, path: Path) -> dict[bytes, int]:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except Exception:
-            raise KScaleError(f"line {lineno} is not '<base64 token> <rank>'", where=str(path),
-                              fix=f"pass {EXPECTED_FORMATS}") from None
+            raise KScaleError(
+                f"line {lineno} is not '<base64 token> <rank>'", where=str(path), fix=f"pass {EXPECTED_FORMATS}"
+            ) from None
     if not ranks:
         raise KScaleError("the tiktoken rank file is empty", where=str(path), fix=f"pass {EXPECTED_FORMATS}")
     return ranks
@@ -270,8 +318,16 @@ def parse_tiktoken_ranks(raw: bytes, path: Path) -> dict[bytes, int]:
 class _RankTokenizer(TokenizerFile):
     """Token ids = `offset` special ids, then the BPE ranks; specials may also sit after the ranks."""
 
-    def __init__(self, path: Path, ranks: dict[bytes, int], pattern: str, specials: dict[str, int],
-                 eos: str | None, name: str, size: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        ranks: dict[bytes, int],
+        pattern: str,
+        specials: dict[str, int],
+        eos: str | None,
+        name: str,
+        size: int | None = None,
+    ):
         super().__init__(path)
         self.ranks, self.pattern, self.specials, self.name = ranks, pattern, specials, name
         self.special_ids = frozenset(specials.values())
@@ -303,8 +359,13 @@ class _RankTokenizer(TokenizerFile):
     @cached_property
     def _enc(self):
         import tiktoken
-        return tiktoken.Encoding(name=self.name, pat_str=self.pattern, mergeable_ranks=self.ranks,
-                                 special_tokens={} if self.offset else self.specials)
+
+        return tiktoken.Encoding(
+            name=self.name,
+            pat_str=self.pattern,
+            mergeable_ranks=self.ranks,
+            special_tokens={} if self.offset else self.specials,
+        )
 
     def encode(self, text: str) -> list[int]:
         return [i + self.offset for i in self._enc.encode_ordinary(text)]
@@ -318,10 +379,28 @@ class TiktokenTokenizer(_RankTokenizer):
     format = "tiktoken"
 
 
-TEKKEN_V3_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-                      "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
-                      "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-                      "[TOOL_CONTENT]"]
+TEKKEN_V3_SPECIALS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[TOOL_CONTENT]",
+]
 
 
 class TekkenTokenizer(_RankTokenizer):
@@ -330,16 +409,18 @@ class TekkenTokenizer(_RankTokenizer):
     format = "tekken"
 
     @classmethod
-    def from_json(cls, path: Path, spec: dict) -> "TekkenTokenizer":
+    def from_json(cls, path: Path, spec: dict) -> TekkenTokenizer:
         cfg = spec["config"]
         size = int(cfg["default_vocab_size"])
         n_special = int(cfg["default_num_special_tokens"])
         listed = [t["token_str"] for t in spec.get("special_tokens") or []] or TEKKEN_V3_SPECIALS
         names = listed + [f"<SPECIAL_{i}>" for i in range(len(listed), n_special)]
-        ranks = {base64.b64decode(t["token_bytes"]): int(t["rank"]) for t in spec["vocab"]
-                 if int(t["rank"]) < size - n_special}
-        tok = cls(path, ranks, cfg["pattern"], {n: i for i, n in enumerate(names)}, "</s>",
-                  "tekken", size=size)
+        ranks = {
+            base64.b64decode(t["token_bytes"]): int(t["rank"])
+            for t in spec["vocab"]
+            if int(t["rank"]) < size - n_special
+        }
+        tok = cls(path, ranks, cfg["pattern"], {n: i for i, n in enumerate(names)}, "</s>", "tekken", size=size)
         tok.offset = n_special
         return tok
 
@@ -398,14 +479,16 @@ def _read_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise KScaleError(f"cannot read tokenizer file: {e.strerror}", where=str(path),
-                          fix=f"pass {EXPECTED_FORMATS}") from None
+        raise KScaleError(
+            f"cannot read tokenizer file: {e.strerror}", where=str(path), fix=f"pass {EXPECTED_FORMATS}"
+        ) from None
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
         except Exception as e:
-            raise KScaleError(f"corrupt gzip tokenizer file ({e})", where=str(path),
-                              fix="re-download or re-compress the file") from None
+            raise KScaleError(
+                f"corrupt gzip tokenizer file ({e})", where=str(path), fix="re-download or re-compress the file"
+            ) from None
     return raw
 
 
@@ -418,12 +501,16 @@ def load_tokenizer(path: str | Path) -> TokenizerFile:
     """Open a tokenizer file in any supported format (detected from the content, not the name)."""
     path = Path(path)
     if path.is_dir():
-        candidates = [path / "tokenizer.json", *sorted(path.glob("tekken*.json")), *sorted(path.glob("*.tiktoken")),
-                      *sorted(path.glob("*.tiktoken.gz")), *sorted(path.glob("*.model"))]
+        candidates = [
+            path / "tokenizer.json",
+            *sorted(path.glob("tekken*.json")),
+            *sorted(path.glob("*.tiktoken")),
+            *sorted(path.glob("*.tiktoken.gz")),
+            *sorted(path.glob("*.model")),
+        ]
         found = [c for c in candidates if c.is_file()]
         if not found:
-            raise KScaleError("no tokenizer file in this folder", where=str(path),
-                              fix=f"pass {EXPECTED_FORMATS}")
+            raise KScaleError("no tokenizer file in this folder", where=str(path), fix=f"pass {EXPECTED_FORMATS}")
         path = found[0]
     if not path.exists():
         raise KScaleError("tokenizer file not found", where=str(path), fix=f"pass {EXPECTED_FORMATS}")
@@ -433,14 +520,18 @@ def load_tokenizer(path: str | Path) -> TokenizerFile:
         try:
             spec = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise KScaleError(f"corrupt JSON tokenizer file ({e})", where=str(path),
-                              fix=f"pass {EXPECTED_FORMATS}") from None
+            raise KScaleError(
+                f"corrupt JSON tokenizer file ({e})", where=str(path), fix=f"pass {EXPECTED_FORMATS}"
+            ) from None
         if isinstance(spec, dict) and "model" in spec:
             return HFTokenizer(path, spec)
         if isinstance(spec, dict) and "vocab" in spec and "default_vocab_size" in spec.get("config", {}):
             return TekkenTokenizer.from_json(path, spec)
-        raise KScaleError("JSON file is neither a Hugging Face tokenizer.json nor a Tekken file",
-                          where=str(path), fix=f"pass {EXPECTED_FORMATS}")
+        raise KScaleError(
+            "JSON file is neither a Hugging Face tokenizer.json nor a Tekken file",
+            where=str(path),
+            fix=f"pass {EXPECTED_FORMATS}",
+        )
     if _looks_like_tiktoken(raw):
         ranks = parse_tiktoken_ranks(raw, path)
         digest = hashlib.sha256(raw).hexdigest()
@@ -448,9 +539,11 @@ def load_tokenizer(path: str | Path) -> TokenizerFile:
         return TiktokenTokenizer(path, ranks, pattern, specials, eos, name)
     try:
         import sentencepiece as spm
+
         sp = spm.SentencePieceProcessor()
         sp.LoadFromSerializedProto(raw)
     except Exception:
-        raise KScaleError("unrecognised or corrupt tokenizer file", where=str(path),
-                          fix=f"pass {EXPECTED_FORMATS}") from None
+        raise KScaleError(
+            "unrecognised or corrupt tokenizer file", where=str(path), fix=f"pass {EXPECTED_FORMATS}"
+        ) from None
     return SentencePieceTokenizer(path, sp)

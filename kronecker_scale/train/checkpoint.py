@@ -14,6 +14,7 @@ It is written as `.step_00000100.tmp` and renamed when complete; only then does 
 (a one-line file, itself replaced atomically) move to it. A crash mid-write leaves `latest` on the
 previous complete checkpoint.
 """
+
 from __future__ import annotations
 
 import errno
@@ -46,8 +47,13 @@ def _barrier() -> None:
 
 def rng_state() -> dict:
     from megatron.core import tensor_parallel
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -55,6 +61,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -69,8 +76,11 @@ def latest_checkpoint(root: Path) -> Path | None:
         return None
     path = Path(root) / pointer.read_text().strip()
     if not path.is_dir():
-        raise KScaleError(f"`latest` points to a missing checkpoint {path.name}", where=str(pointer),
-                          fix="point it at an existing step_* folder, or set checkpoint.resume=none")
+        raise KScaleError(
+            f"`latest` points to a missing checkpoint {path.name}",
+            where=str(pointer),
+            fix="point it at an existing step_* folder, or set checkpoint.resume=none",
+        )
     return path
 
 
@@ -83,8 +93,18 @@ def _agree(value):
     return box[0]
 
 
-def save(root: Path, step: int, write_engine_state, trainer_state: dict, config_yaml: str, byte_table=None, *,
-         keep_last: int = 3, before_commit=None, protect: tuple[str, ...] = ()) -> Path:
+def save(
+    root: Path,
+    step: int,
+    write_engine_state,
+    trainer_state: dict,
+    config_yaml: str,
+    byte_table=None,
+    *,
+    keep_last: int = 3,
+    before_commit=None,
+    protect: tuple[str, ...] = (),
+) -> Path:
     """Collective: every rank calls it. `write_engine_state(folder)` writes the engine's model and
     optimizer; `before_commit(step)` runs when every file is written, before the rename (fault hooks).
     A save that will not fit, or runs out of room, stops with "disk full" and leaves nothing behind."""
@@ -97,14 +117,16 @@ def save(root: Path, step: int, write_engine_state, trainer_state: dict, config_
         write_engine_state(tmp)
         write_run_state(tmp, trainer_state, config_yaml, byte_table)
         integrity.write_manifest(tmp)
-    except BaseException as e:           # torch's checkpoint writer raises CheckpointException(BaseException)
+    except BaseException as e:  # torch's checkpoint writer raises CheckpointException(BaseException)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, (KeyboardInterrupt, SystemExit)) and _out_of_space(e, root):
-            raise KScaleError(f"disk full while writing the checkpoint of step {step} ({type(e).__name__}; "
-                              f"{shutil.disk_usage(root).free / 2**20:,.1f} MiB free)",
-                              where=str(root), fix="free space, then resume: the previous checkpoint is intact "
-                                                   "and the partial one was removed") from None
+            raise KScaleError(
+                f"disk full while writing the checkpoint of step {step} ({type(e).__name__}; "
+                f"{shutil.disk_usage(root).free / 2**20:,.1f} MiB free)",
+                where=str(root),
+                fix="free space, then resume: the previous checkpoint is intact and the partial one was removed",
+            ) from None
         raise
     if before_commit is not None:
         before_commit(step)
@@ -140,15 +162,19 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 def dist_save(model, optimizer, folder: Path) -> None:
     """The megatron engine's model and optimizer, sharded (any TP/PP layout can load them)."""
     from megatron.core import dist_checkpointing
+
     model_sd = model.sharded_state_dict()
-    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(
-        model_sd, metadata=OPTIMIZER_METADATA)}, str(folder))
+    dist_checkpointing.save(
+        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)},
+        str(folder),
+    )
 
 
 def dist_load(model, optimizer, folder: Path, adapt_optimizer_state=None) -> None:
     """Collective. The inverse of dist_save, into any TP/PP layout; the optimizer is skipped when None.
     `adapt_optimizer_state(state)` may edit the loaded optimizer state before the optimizer takes it."""
     from megatron.core import dist_checkpointing
+
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd}
     if optimizer is not None:
@@ -184,7 +210,9 @@ def write_run_state(tmp: Path, trainer_state: dict, config_yaml: str, byte_table
             byte_table.save(tmp / "byte_table.safetensors")
 
 
-def commit(root: Path, step: int, keep_last: int = 3, lineage: str | None = None, protect: tuple[str, ...] = ()) -> Path:
+def commit(
+    root: Path, step: int, keep_last: int = 3, lineage: str | None = None, protect: tuple[str, ...] = ()
+) -> Path:
     """Collective: rename the complete temporary folder, then move `latest` to it; drop old checkpoints of
     the same lineage (never the one just written, nor those named in `protect`: the one resumed from)."""
     root = Path(root)
@@ -220,10 +248,13 @@ def resumable(root: Path, explicit: Path | None = None) -> tuple[Path | None, li
     explicit path a damaged checkpoint is an error; otherwise (`latest`) the run falls back to the newest
     intact checkpoint and says which it skipped."""
     if explicit is not None:
-        bad = _agree(integrity.problem(explicit))          # collective: every rank hashes its share
+        bad = _agree(integrity.problem(explicit))  # collective: every rank hashes its share
         if bad:
-            raise KScaleError(f"the checkpoint is damaged: {bad}", where=str(explicit),
-                              fix="resume from another checkpoint (checkpoint.resume=PATH or auto)")
+            raise KScaleError(
+                f"the checkpoint is damaged: {bad}",
+                where=str(explicit),
+                fix="resume from another checkpoint (checkpoint.resume=PATH or auto)",
+            )
         return explicit, []
     latest = latest_checkpoint(root)
     if latest is None:
@@ -231,12 +262,15 @@ def resumable(root: Path, explicit: Path | None = None) -> tuple[Path | None, li
     older = sorted((p for p in Path(root).glob("step_*") if p.is_dir() and p != latest), key=step_of, reverse=True)
     warnings: list[str] = []
     for candidate in [latest, *older]:
-        bad = _agree(integrity.problem(candidate))         # collective: every rank hashes its share
+        bad = _agree(integrity.problem(candidate))  # collective: every rank hashes its share
         if not bad:
             return candidate, warnings
         warnings.append(f"warning: skipping damaged checkpoint {candidate}: {bad}")
-    raise KScaleError("no intact checkpoint to resume from", where=str(root),
-                      fix="; ".join(warnings) + "; or start over with checkpoint.resume=none run.restart=true")
+    raise KScaleError(
+        "no intact checkpoint to resume from",
+        where=str(root),
+        fix="; ".join(warnings) + "; or start over with checkpoint.resume=none run.restart=true",
+    )
 
 
 def load(path: Path, read_engine_state) -> dict:
@@ -250,9 +284,12 @@ def load(path: Path, read_engine_state) -> dict:
         return read_run_state(path)
     except (KScaleError, KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as e:      # megatron, DeepSpeed, torch.load (CheckpointException): name the checkpoint
-        raise KScaleError(f"could not read the checkpoint ({type(e).__name__}: {str(e)[:500]})", where=str(path),
-                          fix="resume from an older checkpoint: checkpoint.resume=PATH") from None
+    except BaseException as e:  # megatron, DeepSpeed, torch.load (CheckpointException): name the checkpoint
+        raise KScaleError(
+            f"could not read the checkpoint ({type(e).__name__}: {str(e)[:500]})",
+            where=str(path),
+            fix="resume from an older checkpoint: checkpoint.resume=PATH",
+        ) from None
 
 
 def read_run_state(path: Path) -> dict:

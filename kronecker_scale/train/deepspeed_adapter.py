@@ -6,6 +6,7 @@ error; a key DeepSpeed does not know is an error, found up front because DeepSpe
 top-level keys silently), `deepspeed.initialize`, checkpoint save/load, and full (ZeRO-3: gathered)
 parameters and Adam states by parameter name.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -33,16 +34,22 @@ _SOURCES = {
     "zero_force_ds_cpu_optimizer": "(the engine's torch AdamW)",
 }
 # top-level keys the engine owns outright: its optimizer and learning-rate schedule come from our config
-_OWNED = {"optimizer": "optim.* (the engine passes its own AdamW)",
-          "scheduler": "schedule.* (the engine sets the learning rate every step)"}
+_OWNED = {
+    "optimizer": "optim.* (the engine passes its own AdamW)",
+    "scheduler": "schedule.* (the engine sets the learning rate every step)",
+}
 
 
 def _deepspeed():
     import deepspeed
+
     if not deepspeed.__version__.startswith(TESTED_VERSION.rsplit(".", 1)[0] + "."):
-        raise KScaleError(f"deepspeed {deepspeed.__version__} is installed; the deepspeed engine is built for "
-                          f"0.19.x (tested with {TESTED_VERSION})", where="python environment",
-                          fix=f"pip install deepspeed=={TESTED_VERSION} -c requirements/constraints-cpu.txt")
+        raise KScaleError(
+            f"deepspeed {deepspeed.__version__} is installed; the deepspeed engine is built for "
+            f"0.19.x (tested with {TESTED_VERSION})",
+            where="python environment",
+            fix=f"pip install deepspeed=={TESTED_VERSION} -c requirements/constraints-cpu.txt",
+        )
     return deepspeed
 
 
@@ -65,7 +72,7 @@ def generated_config(cfg: DictConfig, dp_size: int) -> dict:
         "fp16": {"enabled": cfg.run.precision == "fp16"},
         # the client optimizer is torch's AdamW, the one megatron's CPU path uses, so both engines step alike
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,             # our MetricsWriter logs; DeepSpeed's own prints stay off
+        "steps_per_print": 2**31 - 1,  # our MetricsWriter logs; DeepSpeed's own prints stay off
     }
     if ds.offload_optimizer:
         out["zero_force_ds_cpu_optimizer"] = False
@@ -96,18 +103,25 @@ def merge_passthrough(generated: dict, passthrough: dict) -> dict:
     for key, value in _flat(passthrough).items():
         top = key.split(".")[0]
         if top in _OWNED:
-            raise KScaleError(f"deepspeed.passthrough.{top} is set by the engine itself",
-                              where=f"config key deepspeed.passthrough.{top}",
-                              fix=f"remove it; set {_OWNED[top]} instead")
+            raise KScaleError(
+                f"deepspeed.passthrough.{top} is set by the engine itself",
+                where=f"config key deepspeed.passthrough.{top}",
+                fix=f"remove it; set {_OWNED[top]} instead",
+            )
         if key in flat and flat[key] != value:
-            raise KScaleError(f"deepspeed.passthrough.{key}={value!r} contradicts {flat[key]!r}, which comes from "
-                              f"{_SOURCES.get(key, 'the config')}", where=f"config key deepspeed.passthrough.{key}",
-                              fix=f"remove it from the passthrough and set {_SOURCES.get(key, 'that key')} instead")
+            raise KScaleError(
+                f"deepspeed.passthrough.{key}={value!r} contradicts {flat[key]!r}, which comes from "
+                f"{_SOURCES.get(key, 'the config')}",
+                where=f"config key deepspeed.passthrough.{key}",
+                fix=f"remove it from the passthrough and set {_SOURCES.get(key, 'that key')} instead",
+            )
         clash = next((p for p in flat if p.startswith(key + ".") or key.startswith(p + ".")), None)
         if clash:
-            raise KScaleError(f"deepspeed.passthrough.{key} replaces the generated {clash}",
-                              where=f"config key deepspeed.passthrough.{key}",
-                              fix=f"set {_SOURCES.get(clash, 'the config key')} instead")
+            raise KScaleError(
+                f"deepspeed.passthrough.{key} replaces the generated {clash}",
+                where=f"config key deepspeed.passthrough.{key}",
+                fix=f"set {_SOURCES.get(clash, 'the config key')} instead",
+            )
     return _merge(generated, passthrough)
 
 
@@ -139,6 +153,7 @@ class _ReadKeys(dict):
 
             def __iter__(self):
                 return iter(dict.keys(outer))
+
         return _Keys()
 
     def __copy__(self):
@@ -151,25 +166,32 @@ def check_with_deepspeed(config: dict, passthrough: dict) -> None:
     _deepspeed()
     from deepspeed.runtime.config import DeepSpeedConfig
     from pydantic import ValidationError
+
     # DeepSpeed checks train_batch_size against the world size it sees; ours is checked by validate()
     probe = _ReadKeys({k: v for k, v in config.items() if k != "train_batch_size"})
     try:
         DeepSpeedConfig(probe, mpu=None)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise KScaleError(f"DeepSpeed rejects the config ({e.title}): {problems}",
-                          where="config key deepspeed.passthrough",
-                          fix="see https://www.deepspeed.ai/docs/config-json/ for the keys and their types") from None
+        raise KScaleError(
+            f"DeepSpeed rejects the config ({e.title}): {problems}",
+            where="config key deepspeed.passthrough",
+            fix="see https://www.deepspeed.ai/docs/config-json/ for the keys and their types",
+        ) from None
     except (AssertionError, ValueError, KeyError, TypeError) as e:
-        raise KScaleError(f"DeepSpeed rejects the config: {e}", where="config key deepspeed.passthrough",
-                          fix="see https://www.deepspeed.ai/docs/config-json/") from None
+        raise KScaleError(
+            f"DeepSpeed rejects the config: {e}",
+            where="config key deepspeed.passthrough",
+            fix="see https://www.deepspeed.ai/docs/config-json/",
+        ) from None
     unknown = [k for k in passthrough if k not in probe.seen]
     if unknown:
         hints = {k: difflib.get_close_matches(k, sorted(probe.seen), n=1) for k in unknown}
-        raise KScaleError(f"DeepSpeed {TESTED_VERSION} has no config key {', '.join(map(repr, unknown))}",
-                          where=", ".join(f"config key deepspeed.passthrough.{k}" for k in unknown),
-                          fix="; ".join(f"did you mean {h[0]!r}?" if h else f"remove {k!r}"
-                                        for k, h in hints.items()))
+        raise KScaleError(
+            f"DeepSpeed {TESTED_VERSION} has no config key {', '.join(map(repr, unknown))}",
+            where=", ".join(f"config key deepspeed.passthrough.{k}" for k in unknown),
+            fix="; ".join(f"did you mean {h[0]!r}?" if h else f"remove {k!r}" for k, h in hints.items()),
+        )
 
 
 def deepspeed_config(cfg: DictConfig, dp_size: int) -> dict:
@@ -184,8 +206,7 @@ def deepspeed_config(cfg: DictConfig, dp_size: int) -> dict:
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
     """deepspeed.initialize over an existing torch.distributed process group (gloo or NCCL)."""
     deepspeed = _deepspeed()
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
-                                           dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     return engine
 
 
@@ -218,18 +239,24 @@ def save_checkpoint(engine, folder: Path) -> None:
 def load_checkpoint(engine, folder: Path, *, load_optimizer: bool = True) -> None:
     folder = Path(folder)
     if not any(folder.glob("*model_states.pt")):
-        raise KScaleError("not a deepspeed-engine checkpoint (no DeepSpeed model states)", where=str(folder),
-                          fix="point checkpoint.resume at a checkpoint of the deepspeed engine, or convert a "
-                              "megatron one: kscale convert megatron-to-deepspeed SRC OUT")
+        raise KScaleError(
+            "not a deepspeed-engine checkpoint (no DeepSpeed model states)",
+            where=str(folder),
+            fix="point checkpoint.resume at a checkpoint of the deepspeed engine, or convert a "
+            "megatron one: kscale convert megatron-to-deepspeed SRC OUT",
+        )
     try:
-        path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=load_optimizer,
-                                         load_lr_scheduler_states=False)
+        path, _ = engine.load_checkpoint(
+            str(folder.parent), tag=folder.name, load_optimizer_states=load_optimizer, load_lr_scheduler_states=False
+        )
     except (AssertionError, ValueError, ZeroDivisionError) as e:
-        raise KScaleError(f"DeepSpeed cannot load this checkpoint: {str(e).strip().splitlines()[0]}",
-                          where=str(folder),
-                          fix="resume with the data-parallel size it was written with (ZeRO partitions depend on "
-                              "it), or convert it: kscale convert deepspeed-to-megatron / megatron-to-deepspeed "
-                              "--world-size N") from None
+        raise KScaleError(
+            f"DeepSpeed cannot load this checkpoint: {str(e).strip().splitlines()[0]}",
+            where=str(folder),
+            fix="resume with the data-parallel size it was written with (ZeRO partitions depend on "
+            "it), or convert it: kscale convert deepspeed-to-megatron / megatron-to-deepspeed "
+            "--world-size N",
+        ) from None
     if path is None:
         raise KScaleError("DeepSpeed found no checkpoint to load", where=str(folder))
 
@@ -242,6 +269,7 @@ def full_state(engine) -> dict:
     """Collective. {name: {"param": fp32, "exp_avg": ..., "exp_avg_sq": ...}} (whole tensors, ZeRO-3
     partitions gathered) and the Adam step, on every rank."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
     out = {}
     for name, p in engine.module.named_parameters():
         entry = {"param": safe_get_full_fp32_param(p).detach().cpu().clone()}
@@ -262,25 +290,30 @@ def set_full_state(engine, state: dict) -> None:
     """Collective. Overwrite fp32 params, the module's params and Adam states from whole tensors by name
     (the inverse of full_state). Adam states must exist already (after one step)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
     params = dict(engine.module.named_parameters())
     missing = sorted(set(params) - set(state["tensors"]))
     if missing:
-        raise KScaleError(f"the source checkpoint lacks parameters {missing[:4]}", fix="convert a checkpoint of the "
-                          "same model config")
+        raise KScaleError(
+            f"the source checkpoint lacks parameters {missing[:4]}", fix="convert a checkpoint of the same model config"
+        )
     for name, p in params.items():
         entry = state["tensors"][name]
         safe_set_full_fp32_param(p, entry["param"].to(torch.float32))
         for key in ADAM_KEYS:
             if key in entry:
                 safe_set_full_optimizer_state(p, entry[key].to(torch.float32), key)
-    with torch.no_grad():                                  # the working (low-precision) copies follow
+    with torch.no_grad():  # the working (low-precision) copies follow
         with _deepspeed().zero.GatheredParameters(list(params.values()), modifier_rank=0):
             for name, p in params.items():
                 p.data.copy_(state["tensors"][name]["param"].to(p.dtype).reshape(p.shape))
     for s in engine.optimizer.optimizer.state.values():
         if "step" in s:
-            s["step"] = torch.full_like(s["step"], float(state["adam_step"])) if torch.is_tensor(s["step"]) \
+            s["step"] = (
+                torch.full_like(s["step"], float(state["adam_step"]))
+                if torch.is_tensor(s["step"])
                 else state["adam_step"]
+            )
 
 
 def consolidated_weights(folder: Path) -> dict:
@@ -288,5 +321,6 @@ def consolidated_weights(folder: Path) -> dict:
     DeepSpeed's zero_to_fp32)."""
     _deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     folder = Path(folder)
     return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)

@@ -5,6 +5,7 @@ data-parallel under DeepSpeed ZeRO 1-3 with optional CPU offload, by the same lo
 Every DeepSpeed call is in deepspeed_adapter.py. Checkpoints: DeepSpeed's own format in
 `checkpoints/step_XXXXXXXX/`, with the run state checkpoint.py adds beside it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -35,8 +36,7 @@ def param_groups(model: torch.nn.Module, cfg: DictConfig, model_cfg) -> list[dic
             continue
         skip = p.dim() == 1 or name.endswith(".bias") or name in exempt
         (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
@@ -48,6 +48,7 @@ class DeepSpeedEngine:
         from megatron.core import tensor_parallel
 
         from . import deepspeed_adapter as ds
+
         self.cfg, self.ds = cfg, ds
         self.model_cfg = inputs.model_cfg
         ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
@@ -56,12 +57,13 @@ class DeepSpeedEngine:
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * self.dp_size)
-        ds_config = ds.deepspeed_config(cfg, self.dp_size)          # bad passthrough: fail before building
+        ds_config = ds.deepspeed_config(cfg, self.dp_size)  # bad passthrough: fail before building
         self._build_model(inputs, ds_config)
         self.is_logger = self.dp_rank == 0
 
     def _build_model(self, inputs: ModelInputs, ds_config: dict) -> None:
         from ..model.megatron_gpt import build_model, transformer_config
+
         cfg = self.cfg
         dtype = DTYPES[cfg.run.precision]
         tcfg = transformer_config(self.model_cfg, params_dtype=dtype, deterministic_mode=cfg.run.deterministic)
@@ -71,8 +73,9 @@ class DeepSpeedEngine:
         if torch.cuda.is_available():
             model.cuda()
         o = cfg.optim
-        optimizer = torch.optim.AdamW(param_groups(model, cfg, self.model_cfg), lr=o.lr, betas=(o.beta1, o.beta2),
-                                      eps=o.eps)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg, self.model_cfg), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+        )
         self.engine = self.ds.initialize(model, optimizer, ds_config)
 
     @property
@@ -106,17 +109,20 @@ class DeepSpeedEngine:
         total, count = 0.0, 0
         for i in range(self.num_micro):
             if i:
-                self.engine.step()         # DeepSpeed counts micro-batches here; it updates only at the boundary
+                self.engine.step()  # DeepSpeed counts micro-batches here; it updates only at the boundary
             s, n = self._loss_sums(next(batches), poison)
             self.engine.backward(s / n)
             total, count = total + s.item(), count + n
         return self._global_mean(total, count), True
 
     def optimizer_step(self, finite: bool) -> float:
-        self.engine.step()             # DeepSpeed skips the update itself when the gradients are not finite
+        self.engine.step()  # DeepSpeed skips the update itself when the gradients are not finite
         if not finite and self.ds.step_applied(self.engine):
-            raise KScaleError("DeepSpeed applied an update despite a non-finite loss", where=f"{self.cfg.run.dir}",
-                              fix="set run.on_nan=stop for this precision")
+            raise KScaleError(
+                "DeepSpeed applied an update despite a non-finite loss",
+                where=f"{self.cfg.run.dir}",
+                fix="set run.on_nan=stop for this precision",
+            )
         return self.ds.grad_norm(self.engine) if finite else float("nan")
 
     def evaluate(self, batches: list[dict]) -> float | None:

@@ -4,6 +4,7 @@ An engine owns a model, its optimizer and their checkpoint format on this rank; 
 everything else (schedule, data, NaN policy, metrics, evaluation, checkpoint cadence, preemption).
 Methods marked collective must be called by every rank of the job.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -16,11 +17,11 @@ from .inputs import ModelInputs
 
 
 class Engine(Protocol):
-    n_params: int        # parameters of this rank's model
+    n_params: int  # parameters of this rank's model
     flops_per_token: int  # training FLOPs per token of the whole model (records.model_flops_per_token: MFU)
-    dp_rank: int         # data-parallel rank and size: which samples this rank reads
+    dp_rank: int  # data-parallel rank and size: which samples this rank reads
     dp_size: int
-    is_logger: bool      # the rank that sees the global loss and writes metrics
+    is_logger: bool  # the rank that sees the global loss and writes metrics
 
     def set_learning_rate(self, lr: float) -> None: ...
 
@@ -70,6 +71,8 @@ def build_engine(cfg: DictConfig, inputs: ModelInputs) -> Engine:
     DeepSpeed is imported only when it is used."""
     if cfg.run.engine == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
+
         return DeepSpeedEngine(cfg, inputs)
     from .megatron_engine import MegatronEngine
+
     return MegatronEngine(cfg, inputs)

@@ -3,6 +3,7 @@ does nothing; production code always runs with it. The resume, NaN and signal te
 `kscale train` processes and ask for faults through KSCALE_FAULT_* variables: `from_environment` is the
 only code that reads them.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,14 @@ class TrainHooks:
 
 
 class FaultInjection(TrainHooks):
-    def __init__(self, *, exit_after_step: int | None = None, crash_in_checkpoint: int | None = None,
-                 nan_at_step: int | None = None, step_sleep_s: float = 0.0):
+    def __init__(
+        self,
+        *,
+        exit_after_step: int | None = None,
+        crash_in_checkpoint: int | None = None,
+        nan_at_step: int | None = None,
+        step_sleep_s: float = 0.0,
+    ):
         self.exit_after_step, self.crash_in_checkpoint = exit_after_step, crash_in_checkpoint
         self.nan_at_step, self.step_sleep_s = nan_at_step, step_sleep_s
 
@@ -34,8 +41,8 @@ class FaultInjection(TrainHooks):
 
     def after_step(self, step: int) -> None:
         if step == self.exit_after_step:
-            os._exit(137)                  # as a SIGKILL would: no cleanup, no checkpoint
-        time.sleep(self.step_sleep_s)      # slow steps, so a signal test can hit a run mid-way
+            os._exit(137)  # as a SIGKILL would: no cleanup, no checkpoint
+        time.sleep(self.step_sleep_s)  # slow steps, so a signal test can hit a run mid-way
 
     def before_commit(self, step: int) -> None:
         if step == self.crash_in_checkpoint:
@@ -44,12 +51,17 @@ class FaultInjection(TrainHooks):
 
 def from_environment() -> TrainHooks:
     """FaultInjection when a KSCALE_FAULT_* variable is set, else the no-op hooks."""
+
     def num(name, kind):
         value = os.environ.get(f"KSCALE_FAULT_{name}")
         return kind(value) if value not in (None, "") else None
 
-    faults = dict(exit_after_step=num("EXIT_AFTER_STEP", int), crash_in_checkpoint=num("CRASH_IN_CHECKPOINT", int),
-                  nan_at_step=num("NAN_AT_STEP", int), step_sleep_s=num("STEP_SLEEP_S", float) or 0.0)
+    faults = dict(
+        exit_after_step=num("EXIT_AFTER_STEP", int),
+        crash_in_checkpoint=num("CRASH_IN_CHECKPOINT", int),
+        nan_at_step=num("NAN_AT_STEP", int),
+        step_sleep_s=num("STEP_SLEEP_S", float) or 0.0,
+    )
     if not any(faults.values()):
         return TrainHooks()
     return FaultInjection(**faults)

@@ -1,5 +1,6 @@
 """What a run reads before it trains: the model's inputs (GPT config, tokenizer, byte table) and this
 data-parallel rank's loaders, checked against the tokenizer and sequence length."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 @dataclass
 class ModelInputs:
     model_cfg: GPTConfig
-    vocab_size: int              # the tokenizer's real ids (the model pads beyond them)
+    vocab_size: int  # the tokenizer's real ids (the model pads beyond them)
     byte_table: ByteTable | None  # for Kronecker input layers
 
 
@@ -26,6 +27,7 @@ def model_inputs(cfg: DictConfig) -> tuple[ModelInputs, TokenizerFile]:
     from ..model.config import GPTConfig
     from ..tokenizer import load_tokenizer
     from ..tokenizer.assets import tokenizer_path
+
     model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))
     tok = load_tokenizer(tokenizer_path(cfg.tokenizer.path))
     byte_table = None
@@ -36,18 +38,32 @@ def model_inputs(cfg: DictConfig) -> tuple[ModelInputs, TokenizerFile]:
 
 def check_train_data(cfg: DictConfig, tok, seq_len: int) -> None:
     from ..data import check_manifest, read_manifest
+
     for src in cfg.data.train:
-        check_manifest(read_manifest(src.path), tokenizer_fingerprint=tok.fingerprint, vocab_size=tok.vocab_size,
-                       seq_len=seq_len, where=f"data.train: {src.path}")
+        check_manifest(
+            read_manifest(src.path),
+            tokenizer_fingerprint=tok.fingerprint,
+            vocab_size=tok.vocab_size,
+            seq_len=seq_len,
+            where=f"data.train: {src.path}",
+        )
 
 
 def build_loaders(cfg: DictConfig, tok, seq_len: int, dp_rank: int, dp_size: int):
     """(train loader, validation loader or None) for this data-parallel rank."""
     from ..data import DataSource, build_loader, read_manifest
-    common = dict(micro_batch_size=cfg.data.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                  seed=cfg.data.seed, cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit,
-                  num_workers=cfg.data.num_workers,
-                  tokenizer_fingerprint=tok.fingerprint, seq_len=seq_len)
+
+    common = dict(
+        micro_batch_size=cfg.data.micro_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=cfg.data.seed,
+        cache_dir=cfg.data.cache_dir,
+        cache_limit=cfg.data.cache_limit,
+        num_workers=cfg.data.num_workers,
+        tokenizer_fingerprint=tok.fingerprint,
+        seq_len=seq_len,
+    )
     train = build_loader([DataSource(s.path, s.proportion) for s in cfg.data.train], "train", **common)
     val_src = cfg.data.val or cfg.data.train[0].path
     val = None
@@ -57,7 +73,7 @@ def build_loaders(cfg: DictConfig, tok, seq_len: int, dp_rank: int, dp_size: int
 
 
 def endless(loader):
-    while True:                                      # epochs: streaming tracks them in its own state
+    while True:  # epochs: streaming tracks them in its own state
         yield from loader
 
 

@@ -4,6 +4,7 @@ SHA-256 written last (checkpoint.save), checked on resume; room on the disk befo
 Hashing is split over the ranks (file i on rank i mod world size), so a large checkpoint costs each rank
 only its share.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,7 +78,7 @@ def problem(folder: Path) -> str | None:
         files = json.loads(path.read_text())["files"]
     except (ValueError, KeyError) as e:
         return f"{MANIFEST} is unreadable ({e})"
-    for name, entry in files.items():                 # sizes first: cheap, and catches truncation
+    for name, entry in files.items():  # sizes first: cheap, and catches truncation
         file = folder / name
         if not file.is_file():
             return f"{name} is missing"
@@ -98,5 +99,7 @@ def free_space_problem(root: Path, previous: Path | None) -> str | None:
     free = shutil.disk_usage(root).free
     if free >= need:
         return None
-    return (f"disk full: a checkpoint needs about {need / 2**20:,.1f} MiB (the last one's size) and "
-            f"{free / 2**20:,.1f} MiB are free on the file system of {root}")
+    return (
+        f"disk full: a checkpoint needs about {need / 2**20:,.1f} MiB (the last one's size) and "
+        f"{free / 2**20:,.1f} MiB are free on the file system of {root}"
+    )

@@ -5,6 +5,7 @@ steps: learning rate, forward/backward of every micro-batch, NaN policy, update,
 evaluate, checkpoint, fault hooks, preemption check. The engine (engine.py) does the model's work; this
 module decides when.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,7 @@ def set_determinism(cfg: DictConfig) -> str:
     model.deterministic_embedding says otherwise. Returns the line the log shows."""
     if not cfg.run.deterministic:
         return "deterministic: off (atomic embedding backward; run.deterministic=true for bitwise repeatable runs)"
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")     # what cuBLAS needs to be deterministic
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
     torch.use_deterministic_algorithms(True)
     return "deterministic: on (torch.use_deterministic_algorithms(True), deterministic embedding backward)"
 
@@ -50,19 +51,19 @@ class TrainingRun:
         self.console = console if self.engine.is_logger or torch.distributed.get_rank() == 0 else _silent
         if torch.distributed.get_rank() == 0:
             console(determinism)
-        self.train_loader, self.val_loader = build_loaders(cfg, tok, seq_len, self.engine.dp_rank,
-                                                           self.engine.dp_size)
+        self.train_loader, self.val_loader = build_loaders(cfg, tok, seq_len, self.engine.dp_rank, self.engine.dp_size)
         self.val_batches: list | None = None
         self.tokens_per_step = cfg.data.global_batch_size * seq_len
         self.step = self.tokens = self.skipped = 0
         self.lineage, self.resumed_from = "", ""
-        self.wandb_run_id: str | None = None     # kept in the run state: a resumed run continues its W&B run
+        self.wandb_run_id: str | None = None  # kept in the run state: a resumed run continues its W&B run
 
     def run(self) -> dict:
         cfg, engine = self.cfg, self.engine
         self._resume()
-        self.metrics = MetricsWriter.for_run(cfg, engine.is_logger, self.console, resume_step=self.step,
-                                             wandb_run_id=self.wandb_run_id)
+        self.metrics = MetricsWriter.for_run(
+            cfg, engine.is_logger, self.console, resume_step=self.step, wandb_run_id=self.wandb_run_id
+        )
         self.wandb_run_id = self.metrics.wandb_run_id
         batches = endless(self.train_loader)
         while self.step < cfg.schedule.train_steps:
@@ -72,14 +73,23 @@ class TrainingRun:
             loss, have_loss = engine.forward_backward(batches, poison=self.hooks.poison_loss(self.step + 1))
             finite = all_finite(loss, have_loss)
             if not finite:
-                self.skipped = skip_nonfinite_step(cfg, self.step + 1, self.skipped)   # raises under on_nan=stop
+                self.skipped = skip_nonfinite_step(cfg, self.step + 1, self.skipped)  # raises under on_nan=stop
             grad_norm = engine.optimizer_step(finite)
             self.step += 1
             self.tokens += self.tokens_per_step
-            record = step_record(cfg, step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens,
-                                 tokens_per_step=self.tokens_per_step, step_time=time.perf_counter() - t0,
-                                 skipped=self.skipped, n_params=engine.n_params,
-                                 flops_per_token=getattr(engine, "flops_per_token", None))
+            record = step_record(
+                cfg,
+                step=self.step,
+                loss=loss,
+                lr=lr,
+                grad_norm=grad_norm,
+                tokens=self.tokens,
+                tokens_per_step=self.tokens_per_step,
+                step_time=time.perf_counter() - t0,
+                skipped=self.skipped,
+                n_params=engine.n_params,
+                flops_per_token=getattr(engine, "flops_per_token", None),
+            )
             self._finish_step(record)
         self.metrics.close()
         return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped}
@@ -95,8 +105,10 @@ class TrainingRun:
         self.wandb_run_id = state.get("wandb_run_id")
         self.resumed_from = path.name
         self.train_loader.load_state_dict(state["train_loader"])
-        self.console(f"resumed from {path} at step {self.step}" + ("" if state.get("rng_restored") else
-                                                                   " (new world size: RNG states re-seeded)"))
+        self.console(
+            f"resumed from {path} at step {self.step}"
+            + ("" if state.get("rng_restored") else " (new world size: RNG states re-seeded)")
+        )
         saved_cfg = OmegaConf.load(path / "config.yaml")
         for change in run_dir.resume_changes(saved_cfg, self.cfg):
             self.console(f"changed on resume, applies from step {self.step + 1}: {change}")
@@ -113,8 +125,9 @@ class TrainingRun:
         if cfg.eval.every and (step % cfg.eval.every == 0 or last):
             val = self._evaluate()
             if val is not None:
-                self.metrics.write({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50)),
-                                    "tokens": self.tokens})
+                self.metrics.write(
+                    {"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50)), "tokens": self.tokens}
+                )
         saved = False
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.save_at_end):
             self.save()
@@ -136,21 +149,52 @@ class TrainingRun:
 
     def save(self) -> Path:
         """Collective: the checkpoint of the current step."""
-        state = {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped,
-                 "train_loader": self.train_loader.state_dict(), "world_size": torch.distributed.get_world_size(),
-                 "lineage": self.lineage, **self.engine.run_state()}
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "skipped_steps": self.skipped,
+            "train_loader": self.train_loader.state_dict(),
+            "world_size": torch.distributed.get_world_size(),
+            "lineage": self.lineage,
+            **self.engine.run_state(),
+        }
         state["wandb_run_id"] = self.wandb_run_id
-        return save_checkpoint(self.engine, self.cfg, self.inputs, self.ckpt_dir, state,
-                               keep_last=self.cfg.checkpoint.keep_last, before_commit=self.hooks.before_commit,
-                               protect=(self.resumed_from,))
+        return save_checkpoint(
+            self.engine,
+            self.cfg,
+            self.inputs,
+            self.ckpt_dir,
+            state,
+            keep_last=self.cfg.checkpoint.keep_last,
+            before_commit=self.hooks.before_commit,
+            protect=(self.resumed_from,),
+        )
 
 
-def save_checkpoint(engine: Engine, cfg: DictConfig, inputs: ModelInputs, root: Path, state: dict, *,
-                    keep_last: int, before_commit=None, protect: tuple[str, ...] = ()) -> Path:
+def save_checkpoint(
+    engine: Engine,
+    cfg: DictConfig,
+    inputs: ModelInputs,
+    root: Path,
+    state: dict,
+    *,
+    keep_last: int,
+    before_commit=None,
+    protect: tuple[str, ...] = (),
+) -> Path:
     """Collective: the engine's model and optimizer plus the run state (`state`, the config, the byte
     table) as root/step_XXXXXXXX; used by the loop and the offline converters."""
-    return checkpoint.save(root, state["step"], engine.write_checkpoint, state, OmegaConf.to_yaml(cfg),
-                           inputs.byte_table, keep_last=keep_last, before_commit=before_commit, protect=protect)
+    return checkpoint.save(
+        root,
+        state["step"],
+        engine.write_checkpoint,
+        state,
+        OmegaConf.to_yaml(cfg),
+        inputs.byte_table,
+        keep_last=keep_last,
+        before_commit=before_commit,
+        protect=protect,
+    )
 
 
 def _silent(*args, **kwargs) -> None:

@@ -2,6 +2,7 @@
 wrapper, optimizer and schedules (PP included), and dist_checkpointing (a checkpoint loads into any
 TP/PP layout). The loop that drives it is loop.py; the contract is engine.py.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -27,8 +28,9 @@ def _match_param_groups(state: dict, current: list[tuple[tuple, dict]]) -> None:
     current settings of the one current group with the same structure (wd_mult, lr_mult, ...), in place."""
     for groups in _param_group_lists(state):
         for saved in groups:
-            matches = [settings for structure, settings in current
-                       if structure == tuple(saved.get(k) for k in GROUP_STRUCTURE)]
+            matches = [
+                settings for structure, settings in current if structure == tuple(saved.get(k) for k in GROUP_STRUCTURE)
+            ]
             if len(matches) == 1:
                 saved.update(matches[0])
 
@@ -59,25 +61,36 @@ class MegatronEngine:
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * self.dp_size)
         self._build_model(inputs.vocab_size)
-        self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-                          and self.dp_rank == 0)
+        self.is_logger = (
+            ps.is_pipeline_last_stage(ignore_virtual=True)
+            and ps.get_tensor_model_parallel_rank() == 0
+            and self.dp_rank == 0
+        )
         self._poison = False
 
     # --- model, optimizer --------------------------------------------------------------------------
     def _build_model(self, vocab_size: int) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer import get_standard_config_overrides
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
         from megatron.core.optimizer.optimizer_config import ParamKey
         from megatron.core.transformer.module import Float16Module
 
         from ..model.megatron_gpt import build_model, transformer_config
+
         cfg, p = self.cfg, self.cfg.parallel
         dtype = DTYPES[cfg.run.precision]
-        self.tcfg = transformer_config(self.model_cfg, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
-                                       sequence_parallel=p.sequence, params_dtype=dtype,
-                                       deterministic_mode=cfg.run.deterministic)
+        self.tcfg = transformer_config(
+            self.model_cfg,
+            tensor_parallel=p.tensor,
+            pipeline_parallel=p.pipeline,
+            sequence_parallel=p.sequence,
+            params_dtype=dtype,
+            deterministic_mode=cfg.run.deterministic,
+        )
         model = build_model(self.model_cfg, self.tcfg, byte_table=self.byte_table, vocab_size=vocab_size)
         self.n_params = sum(x.numel() for x in model.parameters())
         self.flops_per_token = model_flops_per_token(self.model_cfg, vocab_size, p.tensor)["total"]
@@ -88,21 +101,38 @@ class MegatronEngine:
             # megatron's mixed precision: bf16/fp16 model, fp32 main params and grads in the optimizer; the
             # codec's scale tables stay fp64 through the cast (KroneckerEmbedding._apply)
             model = Float16Module(self.tcfg, model)
-        self.model = DistributedDataParallel(self.tcfg, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=p.distributed_optimizer), model)
+        self.model = DistributedDataParallel(
+            self.tcfg,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=p.distributed_optimizer),
+            model,
+        )
         o = cfg.optim
-        opt_cfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                                  adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
-                                  bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
-                                  use_distributed_optimizer=p.distributed_optimizer,
-                                  # fp16: dynamic loss scaling from 2^16 (DeepSpeed's start; megatron's 2^32
-                                  # skips the first ~17 updates on overflow)
-                                  **({"initial_loss_scale": 2.0 ** 16} if dtype == torch.float16 else {}))
+        opt_cfg = OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.beta1,
+            adam_beta2=o.beta2,
+            adam_eps=o.eps,
+            clip_grad=o.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            params_dtype=dtype,
+            use_distributed_optimizer=p.distributed_optimizer,
+            # fp16: dynamic loss scaling from 2^16 (DeepSpeed's start; megatron's 2^32
+            # skips the first ~17 updates on overflow)
+            **({"initial_loss_scale": 2.0**16} if dtype == torch.float16 else {}),
+        )
         overrides = get_standard_config_overrides(opt_cfg)
         if not o.decay_projection and self.model_cfg.input_layer == "kronecker":
-            overrides[ParamKey(name=("*embedding.word_embeddings.weight", "*output_layer.weight")
-                               if self.model_cfg.head == "kronecker_tied" else "*embedding.word_embeddings.weight")] \
-                = {"wd_mult": 0.0}
+            overrides[
+                ParamKey(
+                    name=("*embedding.word_embeddings.weight", "*output_layer.weight")
+                    if self.model_cfg.head == "kronecker_tied"
+                    else "*embedding.word_embeddings.weight"
+                )
+            ] = {"wd_mult": 0.0}
         self.optimizer = get_megatron_optimizer(opt_cfg, [self.model], config_overrides=overrides)
         self.tcfg.finalize_model_grads_func = finalize_model_grads
         self.tcfg.no_sync_func = self.model.no_sync
@@ -123,6 +153,7 @@ class MegatronEngine:
             total = per_token.float().sum() * (float("nan") if poison else 1.0)
             n = torch.tensor(per_token.numel(), device=per_token.device)
             return total, n.to(torch.int), {"lm loss": torch.stack([total.detach(), n.float()])}
+
         return output, loss_func
 
     def _reduce_loss(self, stats) -> tuple[float, int]:
@@ -138,12 +169,18 @@ class MegatronEngine:
 
     def evaluate(self, batches: list[dict]) -> float | None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
+
         self.model.eval()
         with torch.no_grad():
             stats = get_forward_backward_func()(
-                forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
-                num_microbatches=len(batches), seq_length=self.model_cfg.seq_len,
-                micro_batch_size=self.cfg.data.micro_batch_size, forward_only=True)
+                forward_step_func=self._forward_step,
+                data_iterator=iter(batches),
+                model=[self.model],
+                num_microbatches=len(batches),
+                seq_length=self.model_cfg.seq_len,
+                micro_batch_size=self.cfg.data.micro_batch_size,
+                forward_only=True,
+            )
         self.model.train()
         return self._reduce_loss(stats)[0] if stats else None
 
@@ -151,22 +188,33 @@ class MegatronEngine:
         """The paper's norm-drift statistics of the input layer (first stage): mean row L2 norm and the
         std of the weight, over the whole (TP-partitioned) weight, sent to the logging rank."""
         ps = self.ps
-        w = self.core_model.embedding.word_embeddings.weight if ps.is_pipeline_first_stage(ignore_virtual=True) \
+        w = (
+            self.core_model.embedding.word_embeddings.weight
+            if ps.is_pipeline_first_stage(ignore_virtual=True)
             else None
+        )
         device = w.device if w is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         # [sum of row norms, rows, sum, sum of squares, elements]
         stats = torch.zeros(5, dtype=torch.float64, device=device)
         tp_group = ps.get_tensor_model_parallel_group()
         sharded = ps.get_tensor_model_parallel_world_size() > 1 and (
-            self.model_cfg.input_layer == "bpe" or self.model_cfg.kronecker_tp == "shard_d")
+            self.model_cfg.input_layer == "bpe" or self.model_cfg.kronecker_tp == "shard_d"
+        )
         if w is not None:
             w = w.detach().double()
-            row_sq = (w ** 2).sum(1)
-            by_columns = self.model_cfg.input_layer == "kronecker"       # shard_d splits d; BPE splits rows
+            row_sq = (w**2).sum(1)
+            by_columns = self.model_cfg.input_layer == "kronecker"  # shard_d splits d; BPE splits rows
             if sharded and by_columns:
                 torch.distributed.all_reduce(row_sq, group=tp_group)
-            stats += torch.stack([row_sq.sqrt().sum(), torch.tensor(float(w.shape[0]), device=device),
-                                  w.sum(), (w ** 2).sum(), torch.tensor(float(w.numel()), device=device)])
+            stats += torch.stack(
+                [
+                    row_sq.sqrt().sum(),
+                    torch.tensor(float(w.shape[0]), device=device),
+                    w.sum(),
+                    (w**2).sum(),
+                    torch.tensor(float(w.numel()), device=device),
+                ]
+            )
             if sharded:
                 part = stats[2:].clone()
                 torch.distributed.all_reduce(part, group=tp_group)
@@ -186,13 +234,19 @@ class MegatronEngine:
 
     def forward_backward(self, batches: Iterator[dict], poison: bool = False) -> tuple[float, bool]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
+
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._poison = poison
         stats = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=batches, model=[self.model],
-            num_microbatches=self.num_micro, seq_length=self.model_cfg.seq_len,
-            micro_batch_size=self.cfg.data.micro_batch_size, forward_only=False)
+            forward_step_func=self._forward_step,
+            data_iterator=batches,
+            model=[self.model],
+            num_microbatches=self.num_micro,
+            seq_length=self.model_cfg.seq_len,
+            micro_batch_size=self.cfg.data.micro_batch_size,
+            forward_only=False,
+        )
         self._poison = False
         return self._reduce_loss(stats)[0], bool(stats)
 
@@ -208,12 +262,18 @@ class MegatronEngine:
     def read_checkpoint(self, folder: Path, load_optimizer: bool = True) -> None:
         """The model and optimizer; the optimizer settings of the current config (learning rate, min LR,
         weight decay, betas, eps) stay in force, so they may change on resume."""
-        current = [(tuple(g.get(k) for k in GROUP_STRUCTURE), {k: g[k] for k in HYPERPARAMETERS if k in g})
-                   for g in self.optimizer.param_groups]
+        current = [
+            (tuple(g.get(k) for k in GROUP_STRUCTURE), {k: g[k] for k in HYPERPARAMETERS if k in g})
+            for g in self.optimizer.param_groups
+        ]
         if load_optimizer:
             self._materialize_distributed_optimizer_state()
-        checkpoint.dist_load(self.core_model, self.optimizer if load_optimizer else None, folder,
-                             adapt_optimizer_state=lambda sd: _match_param_groups(sd, current))
+        checkpoint.dist_load(
+            self.core_model,
+            self.optimizer if load_optimizer else None,
+            folder,
+            adapt_optimizer_state=lambda sd: _match_param_groups(sd, current),
+        )
         for group, (_, settings) in zip(self.optimizer.param_groups, current):
             group.update(settings)
         if load_optimizer:
@@ -237,6 +297,7 @@ class MegatronEngine:
         loads a checkpoint, which is empty before the first step (an AssertionError without Apex/TE): give it
         placeholder states first (megatron's own zero-gradient step; the load overwrites them)."""
         from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             if not isinstance(opt, DistributedOptimizer):
                 continue
@@ -247,8 +308,9 @@ class MegatronEngine:
                 # checkpoint restores it from the param groups instead, and megatron 0.19 then looks for it
                 # among the parameter's tensors (KeyError 'step'): mark it as not given
                 set_states = opt._set_main_param_and_optimizer_states
-                opt._set_main_param_and_optimizer_states = \
-                    lambda model_param, tensors, _set=set_states: _set(model_param, {"step": None, **tensors})
+                opt._set_main_param_and_optimizer_states = lambda model_param, tensors, _set=set_states: _set(
+                    model_param, {"step": None, **tensors}
+                )
                 opt._kscale_step_patch = True
 
     # --- whole tensors by name (the engine converter) --------------------------------------------------
@@ -256,9 +318,10 @@ class MegatronEngine:
         """(model param, main fp32 param, torch optimizer) of the (non-distributed) megatron optimizer."""
         out = []
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            if hasattr(opt, "float16_groups"):             # bf16/fp16: fp32 main copies
-                pairs = [(m, f) for mg, fg in zip(opt.float16_groups, opt.fp32_from_float16_groups)
-                         for m, f in zip(mg, fg)]
+            if hasattr(opt, "float16_groups"):  # bf16/fp16: fp32 main copies
+                pairs = [
+                    (m, f) for mg, fg in zip(opt.float16_groups, opt.fp32_from_float16_groups) for m, f in zip(mg, fg)
+                ]
                 pairs += [(p, p) for g in opt.fp32_from_fp32_groups for p in g]
             else:
                 pairs = [(p, p) for g in opt.optimizer.param_groups for p in g["params"]]
@@ -289,6 +352,8 @@ class MegatronEngine:
                 main.copy_(entry["param"].to(main.dtype))
                 p.copy_(entry["param"].to(p.dtype))
                 if "exp_avg" in entry:
-                    inner.state[main] = {"step": torch.tensor(float(state["adam_step"])),
-                                         "exp_avg": entry["exp_avg"].to(main.dtype).clone(),
-                                         "exp_avg_sq": entry["exp_avg_sq"].to(main.dtype).clone()}
+                    inner.state[main] = {
+                        "step": torch.tensor(float(state["adam_step"])),
+                        "exp_avg": entry["exp_avg"].to(main.dtype).clone(),
+                        "exp_avg_sq": entry["exp_avg_sq"].to(main.dtype).clone(),
+                    }

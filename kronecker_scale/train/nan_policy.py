@@ -1,5 +1,6 @@
 """What a step with a non-finite loss does (`run.on_nan`): stop with an error, or skip the update and
 count it, up to `run.max_skipped_steps`. Every rank decides alike."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,11 @@ def skip_nonfinite_step(cfg: DictConfig, step: int, skipped: int) -> int:
     """The policy for step `step`, whose loss is not finite: raises under on_nan=stop (or past the
     allowed number of skips); otherwise returns the new count of skipped steps."""
     if cfg.run.on_nan == "stop":
-        raise KScaleError(f"loss is not finite at step {step}", where=f"{cfg.run.dir}",
-                          fix="lower optim.lr, check the data, or set run.on_nan=skip")
+        raise KScaleError(
+            f"loss is not finite at step {step}",
+            where=f"{cfg.run.dir}",
+            fix="lower optim.lr, check the data, or set run.on_nan=skip",
+        )
     skipped += 1
     if skipped > cfg.run.max_skipped_steps:
         raise KScaleError(f"{skipped} steps with a non-finite loss", fix="lower optim.lr")

@@ -12,6 +12,7 @@ The handler only sets a flag; the training loop checks it at every step boundary
 `Preempted` (`.stopped` says which kind). Both at once (a stop during a preemption): the stop wins.
 A signal that arrives twice, or at every rank and at the launcher, is one request.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ import signal
 
 import torch
 
-_flag: dict = {"signal": None}       # the signal received on this rank (the one that wins, if several)
+_flag: dict = {"signal": None}  # the signal received on this rank (the one that wins, if several)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -60,10 +61,12 @@ def install_handler() -> None:
     """Call once per rank, in the main thread, before training (replaces submitit's own handlers, which
     would requeue before our ranks had saved, and ignore SIGTERM). A local launcher starts its ranks with
     the stop signals blocked (launch/ranks.py), so one sent while the rank was starting waits until here."""
+
     def handler(signum, frame):
         sig = signal.Signals(signum)
         if _code(sig) > _code(_flag["signal"]):
             _flag["signal"] = sig
+
     watched = (preempt_signal(), *stop_signals())
     for sig in watched:
         if not ignored(sig):

@@ -1,4 +1,5 @@
 """Compare runs: validation (and training) loss by step as a table, a markdown file and a plot."""
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ def run_label(run_dir: Path) -> str:
     cfg = Path(run_dir) / "config.yaml"
     if cfg.is_file():
         from omegaconf import OmegaConf
+
         c = OmegaConf.load(cfg)
         return f"{run_dir.name} ({c.model.input_layer}, head {c.model.head})"
     return run_dir.name
@@ -27,8 +29,10 @@ def run_label(run_dir: Path) -> str:
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
     """Validation loss of each run at each evaluated step; writes compare.md and compare.png."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     runs = {Path(r): read_metrics(r) for r in run_dirs}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +62,10 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
     labels = [run_label(r) for r in runs]
     lines = ["| step | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for step in sorted(table):
-        lines.append(f"| {step} | " + " | ".join(f"{table[step][lab]:.4f}" if lab in table[step] else "" for lab in labels)
-                     + " |")
+        lines.append(
+            f"| {step} | "
+            + " | ".join(f"{table[step][lab]:.4f}" if lab in table[step] else "" for lab in labels)
+            + " |"
+        )
     (out / "compare.md").write_text("# Validation loss by step\n\n" + "\n".join(lines) + "\n\n![loss](compare.png)\n")
     return {"labels": labels, "table": table, "final": finals, "png": out / "compare.png", "md": out / "compare.md"}

@@ -11,6 +11,7 @@
   vocabulary, pos_dim) is refused naming the keys; the settings that may change (learning rate,
   schedule, weight decay, betas, clipping, ...) are listed.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,14 @@ from ..errors import KScaleError
 from . import checkpoint
 
 # model keys a resumed run may change: how the same weights are computed, not what they are
-MODEL_RUNTIME_KEYS = {"embedding_impl", "deterministic_embedding", "hidden_dropout", "attention_dropout",
-                      "attention_backend", "recompute"}
+MODEL_RUNTIME_KEYS = {
+    "embedding_impl",
+    "deterministic_embedding",
+    "hidden_dropout",
+    "attention_dropout",
+    "attention_backend",
+    "recompute",
+}
 
 
 def has_checkpoints(ckpt_dir: Path) -> bool:
@@ -71,10 +78,12 @@ def resume_changes(saved: DictConfig, new: DictConfig) -> list[str]:
         else:
             changed.append(f"{key}: {before!r} -> {after!r}")
     if fixed:
-        raise KScaleError("the run would resume a checkpoint with another model or vocabulary: " + "; ".join(fixed),
-                          where="model.* / tokenizer.* against the checkpoint's config.yaml",
-                          fix="set these keys back, or start a new run in another run.dir (convert the "
-                              "checkpoint first if you mean another layout: kscale convert reshard)")
+        raise KScaleError(
+            "the run would resume a checkpoint with another model or vocabulary: " + "; ".join(fixed),
+            where="model.* / tokenizer.* against the checkpoint's config.yaml",
+            fix="set these keys back, or start a new run in another run.dir (convert the "
+            "checkpoint first if you mean another layout: kscale convert reshard)",
+        )
     return changed
 
 
@@ -85,16 +94,22 @@ def check_before_start(cfg: DictConfig) -> list[str]:
     resume = cfg.checkpoint.resume
     if resume == "none":
         if has_checkpoints(ckpt_dir) and not cfg.run.restart:
-            raise KScaleError("checkpoint.resume=none in a run directory that holds checkpoints",
-                              where=str(ckpt_dir), fix="resume (checkpoint.resume=auto), start over keeping the "
-                                                       "old run aside (run.restart=true), or use another run.dir")
+            raise KScaleError(
+                "checkpoint.resume=none in a run directory that holds checkpoints",
+                where=str(ckpt_dir),
+                fix="resume (checkpoint.resume=auto), start over keeping the "
+                "old run aside (run.restart=true), or use another run.dir",
+            )
         return []
     path = checkpoint.latest_checkpoint(ckpt_dir) if resume == "auto" else Path(resume)
     if path is None:
         return []
     if not (path / "config.yaml").is_file():
-        raise KScaleError("the checkpoint to resume has no config.yaml", where=str(path),
-                          fix="give a complete checkpoint folder (step_*) in checkpoint.resume")
+        raise KScaleError(
+            "the checkpoint to resume has no config.yaml",
+            where=str(path),
+            fix="give a complete checkpoint folder (step_*) in checkpoint.resume",
+        )
     return resume_changes(OmegaConf.load(path / "config.yaml"), cfg)
 
 
@@ -108,8 +123,11 @@ def prepare(cfg: DictConfig, ckpt_dir: Path, console) -> Path | None:
     if cfg.checkpoint.resume == "none":
         if _rank() == 0 and has_checkpoints(ckpt_dir):
             if not cfg.run.restart:
-                raise KScaleError("checkpoint.resume=none in a run directory that holds checkpoints",
-                                  where=str(ckpt_dir), fix="set run.restart=true to start over")
+                raise KScaleError(
+                    "checkpoint.resume=none in a run directory that holds checkpoints",
+                    where=str(ckpt_dir),
+                    fix="set run.restart=true to start over",
+                )
             aside = _move_aside_run(run_dir)
             console(f"run.restart: the previous run was moved to {aside}")
         _barrier()
@@ -144,8 +162,9 @@ def _roll_back_to(path: Path, ckpt_dir: Path, run_dir: Path, console) -> None:
     """Rank 0: the checkpoints of this run directory after `path` leave the history (moved aside, not
     deleted), `latest` names `path` when it is one of ours, and metrics.jsonl ends at its step."""
     step = checkpoint.step_of(path)
-    later = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and checkpoint.step_of(p) > step] \
-        if ckpt_dir.is_dir() else []
+    later = (
+        [p for p in ckpt_dir.glob("step_*") if p.is_dir() and checkpoint.step_of(p) > step] if ckpt_dir.is_dir() else []
+    )
     if not later:
         return
     aside = ckpt_dir / f"abandoned-{_stamp()}"
@@ -168,5 +187,7 @@ def _roll_back_to(path: Path, ckpt_dir: Path, run_dir: Path, console) -> None:
             (run_dir / f"metrics.abandoned-{_stamp()}.jsonl").write_text("".join(x + "\n" for x in dropped))
             metrics.write_text("".join(x + "\n" for x in kept))
             cut = len(dropped)
-    console(f"rollback to step {step}: {len(later)} later checkpoint(s) moved to {aside}"
-            + (f", {cut} metrics rows after step {step} moved beside metrics.jsonl" if cut else ""))
+    console(
+        f"rollback to step {step}: {len(later)} later checkpoint(s) moved to {aside}"
+        + (f", {cut} metrics rows after step {step} moved beside metrics.jsonl" if cut else "")
+    )

@@ -1,4 +1,5 @@
 """The learning-rate schedule: linear warmup, then cosine or linear decay to min_lr, or constant."""
+
 from __future__ import annotations
 
 import math
