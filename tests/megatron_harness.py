@@ -230,3 +230,19 @@ def embedding_worker(rank: int, world: int, init_file: str, out_dir: str):
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     ps.destroy_model_parallel()
     torch.distributed.destroy_process_group()
+
+
+def spawn(tmp_path, world: int, cases: dict, ref_file: str | None = None, tag: str = "run") -> list[dict]:
+    """Run `worker` on `world` real gloo processes over `cases`; each rank's results."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / tag
+    out.mkdir()
+    mp.start_processes(
+        worker,
+        args=(world, str(out / "init"), cases, str(out), ref_file),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]

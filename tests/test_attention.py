@@ -27,19 +27,6 @@ DROP = dict(BASE, hidden_dropout=0.1, attention_dropout=0.1)
 RTOL = 1e-5
 
 
-def spawn(tmp_path: Path, world: int, cases: dict, ref_file: str | None = None, tag: str = "run") -> list[dict]:
-    out = tmp_path / tag
-    out.mkdir()
-    mp.start_processes(
-        H.worker,
-        args=(world, str(out / "init"), cases, str(out), ref_file),
-        nprocs=world,
-        join=True,
-        start_method="spawn",
-    )
-    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
-
-
 def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str, rtol: float = RTOL) -> None:
     scale = ref.abs().max().clamp_min(1e-12)
     err = (got - ref).abs().max()
@@ -78,7 +65,7 @@ REFERENCE_CASES = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("attn-ref")
-    (res,) = spawn(tmp, 1, REFERENCE_CASES)
+    (res,) = H.spawn(tmp, 1, REFERENCE_CASES)
     torch.save(res, tmp / "ref.pt")
     return res, str(tmp / "ref.pt")
 
@@ -134,7 +121,7 @@ def test_sdpa_at_tp2_with_and_without_sequence_parallel_equals_local_tp1(referen
         "steps": 2,
         "ref": "drop/sdpa/none",
     }
-    results = spawn(tmp_path, 2, cases, ref_file)
+    results = H.spawn(tmp_path, 2, cases, ref_file)
     for rank, per_rank in enumerate(results):
         for case, res in per_rank.items():
             if case.startswith("drop/"):

@@ -24,24 +24,11 @@ ARMS = {
 KRON_ARMS = [a for a in ARMS if a.startswith("kron")]
 
 
-def spawn(tmp_path, world, cases, ref_file=None, tag="run"):
-    out = tmp_path / tag
-    out.mkdir()
-    mp.start_processes(
-        H.worker,
-        args=(world, str(out / "init"), cases, str(out), ref_file),
-        nprocs=world,
-        join=True,
-        start_method="spawn",
-    )
-    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     cases = {name: {"model": m, "steps": 3} for name, m in ARMS.items()}
-    (res,) = spawn(tmp, 1, cases)
+    (res,) = H.spawn(tmp, 1, cases)
     torch.save(res, tmp / "ref.pt")
     return res, str(tmp / "ref.pt")
 
@@ -86,7 +73,7 @@ def test_tp2_with_and_without_sequence_parallel_equals_tp1(reference, tmp_path, 
             for n in KRON_ARMS
         }
     )
-    results = spawn(tmp_path, 2, cases, ref_file)
+    results = H.spawn(tmp_path, 2, cases, ref_file)
     for case, res in results[0].items():
         compare(res, ref[case.split("/")[0]], case)
 
@@ -96,7 +83,7 @@ def test_pp2_equals_pp1_over_three_steps(reference, tmp_path):
     ref, ref_file = reference
     arms = ["kron_untied", "kron_ktied", "bpe_tied"]
     cases = {f"{n}/pp2": {"model": ARMS[n], "pp": 2, "steps": 3, "ref": n} for n in arms}
-    first, last = spawn(tmp_path, 2, cases, ref_file)
+    first, last = H.spawn(tmp_path, 2, cases, ref_file)
     for case in cases:
         name = case.split("/")[0]
         # the loss lives on the last stage; gradients are split between the stages
@@ -145,7 +132,7 @@ def test_checkpoint_round_trip_across_tp_change(reference, tmp_path):
     for n in arms:
         (ckpt / n).mkdir()  # dist_checkpointing.save wants it to exist
     save = {f"{n}/save": {"model": ARMS[n], "tp": 2, "steps": 0, "ref": n, "save_ckpt": str(ckpt / n)} for n in arms}
-    saved = spawn(tmp_path, 2, save, ref_file, tag="save")[0]
+    saved = H.spawn(tmp_path, 2, save, ref_file, tag="save")[0]
     load = {f"{n}/load": {"model": ARMS[n], "tp": 1, "steps": 0, "load_ckpt": str(ckpt / n)} for n in arms}
     load["kron_untied/load-replicated"] = {
         "model": {**ARMS["kron_untied"], "kronecker_tp": "replicated"},
@@ -153,7 +140,7 @@ def test_checkpoint_round_trip_across_tp_change(reference, tmp_path):
         "steps": 0,
         "load_ckpt": str(ckpt / "kron_untied"),
     }
-    (loaded,) = spawn(tmp_path, 1, load, tag="load")
+    (loaded,) = H.spawn(tmp_path, 1, load, tag="load")
     for case, res in loaded.items():
         name = case.split("/")[0]
         before = saved[f"{name}/save"]["full_state"]

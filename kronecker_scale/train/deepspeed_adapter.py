@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..config.load import flatten
 from ..errors import KScaleError
 
 TESTED_VERSION = "0.19.8"
@@ -79,16 +80,6 @@ def generated_config(cfg: DictConfig, dp_size: int) -> dict:
     return out
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -99,8 +90,8 @@ def _merge(base: dict, extra: dict) -> dict:
 def merge_passthrough(generated: dict, passthrough: dict) -> dict:
     """The generated JSON plus the passthrough; a passthrough value that contradicts a generated one is a
     KScaleError naming both keys (never silently overridden)."""
-    flat = _flat(generated)
-    for key, value in _flat(passthrough).items():
+    flat = flatten(generated)
+    for key, value in flatten(passthrough).items():
         top = key.split(".")[0]
         if top in _OWNED:
             raise KScaleError(
