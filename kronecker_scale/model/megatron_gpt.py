@@ -590,8 +590,30 @@ class KroneckerGPTModel(GPTModel):
                 vp_stage=vp_stage,
             )
         self.model_cfg = model_cfg
+        # the tokenizer's ids; the padded ones beyond take no probability mass (`_scale_logits`)
+        self.real_vocab_size = real_vocab_size if real_vocab_size is not None else vocab_size
         if model_cfg.input_layer == "bpe" and real_vocab_size is not None and pre_process:
             self._zero_padded_rows(real_vocab_size)
+
+    def _scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """megatron's hook on the output layer's logits (MuP scaling), called on every path that makes
+        logits (training loss, evaluation, inference) before the cross-entropy: here it also masks the
+        padded ids, so that losses are over the real vocabulary (docs/design.md §5), whatever the padding
+        (divisible_by x TP) and the head (untied padded rows are initialised and would learn; zero rows
+        would give logit 0). Logits are this rank's vocab shard [.., V/TP] (or all of them when gathered):
+        the columns whose global id >= real_vocab_size get the dtype's most negative finite value, not
+        -inf: exp() of it is exactly 0 all the same, and it cannot make NaN (-inf - -inf) in a
+        cross-entropy whose running max starts on a block (or a TP shard) that is all padding, as the
+        fused / online-softmax kernels may. Their gradient is zero (masked_fill)."""
+        logits = super()._scale_logits(logits)
+        real, padded, n = self.real_vocab_size, self.vocab_size, logits.shape[-1]
+        if real >= padded:
+            return logits
+        start = 0 if n == padded else self.pg_collection.tp.rank() * n
+        if start + n <= real:  # this shard is all real ids
+            return logits
+        ids = torch.arange(start, start + n, device=logits.device)
+        return logits.masked_fill(ids >= real, torch.finfo(logits.dtype).min)
 
     def setup_embeddings_and_output_layer(self) -> None:
         model_cfg, byte_table = self._kscale
@@ -663,7 +685,7 @@ def build_model(
     if model_cfg.input_layer == "kronecker" or model_cfg.head == "kronecker_tied":
         if byte_table is None:
             raise KScaleError("the Kronecker input layer needs a byte table", fix="pass byte_table=ByteTable(...)")
-        real = byte_table.vocab_size
+        real = byte_table.num_token_ids  # the tokenizer's ids (a table may come padded already)
         byte_table = byte_table.pad_to(model_cfg.vocab_divisible_by * tp)
         padded = byte_table.vocab_size
     else:

@@ -139,7 +139,7 @@ class DeepSpeedEngine:
         """The paper's norm-drift statistics of the input layer (collective: ZeRO-3 gathers the weight)."""
         w = self.module.embedding.word_embeddings.weight
         with self.ds.gathered([w]):
-            stats = weight_sums(w)
+            stats = weight_sums(w, self.model_cfg.input_layer, real_rows=self.module.real_vocab_size)
         return norm_record(stats, self.model_cfg.input_layer)
 
     def write_checkpoint(self, folder: Path) -> None:

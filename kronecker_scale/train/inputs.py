@@ -50,8 +50,28 @@ def check_train_data(cfg: DictConfig, tok, seq_len: int) -> None:
 
 
 def build_loaders(cfg: DictConfig, tok, seq_len: int, dp_rank: int, dp_size: int):
-    """(train loader, validation loader or None) for this data-parallel rank."""
+    """(train loader, validation loader or None) for this data-parallel rank. With eval.every > 0 a
+    validation set too small to give every data-parallel rank one micro-batch is an error, checked first:
+    evaluation is never skipped without a word."""
     from ..data import DataSource, build_loader, read_manifest
+    from ..errors import KScaleError
+
+    val_src = cfg.data.val or cfg.data.train[0].path
+    val_split = read_manifest(val_src)["splits"].get("val", {})
+    val_samples, need = val_split.get("samples", 0), cfg.data.micro_batch_size * dp_size
+    eval_every = OmegaConf.select(cfg, "eval.every", default=0) or 0
+    if eval_every > 0 and val_samples < need:
+        where = f"data.val: {val_src}" if cfg.data.val else f"data.train[0] (data.val is not set): {val_src}"
+        ranks = f" x {dp_size} data-parallel ranks = {need}" if dp_size > 1 else ""
+        raise KScaleError(
+            f"eval.every={eval_every} evaluates on the dataset's val split, which has {val_samples} sample(s) "
+            f"({val_split.get('documents', '?')} document(s)); evaluation needs at least data.micro_batch_size="
+            f"{cfg.data.micro_batch_size}{ranks} samples",
+            where=where,
+            fix="prepare the dataset with a validation split (`kscale prepare-data ... --val-fraction 0.01` or "
+            "`--val-input FILES`), or set data.val to a prepared dataset that has one, or set eval.every=0 to "
+            "train without evaluation",
+        )
 
     common = dict(
         micro_batch_size=cfg.data.micro_batch_size,
@@ -65,9 +85,8 @@ def build_loaders(cfg: DictConfig, tok, seq_len: int, dp_rank: int, dp_size: int
         seq_len=seq_len,
     )
     train = build_loader([DataSource(s.path, s.proportion) for s in cfg.data.train], "train", **common)
-    val_src = cfg.data.val or cfg.data.train[0].path
     val = None
-    if read_manifest(val_src)["splits"].get("val", {}).get("samples", 0) >= cfg.data.micro_batch_size:
+    if val_samples >= cfg.data.micro_batch_size:
         val = build_loader([val_src], "val", **{**common, "seed": 0})
     return train, val
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from . import checkpoint
 from .inputs import ModelInputs
-from .records import model_flops_per_token, norm_record
+from .records import model_flops_per_token, norm_record, weight_sums
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # optimizer settings a resumed run takes from its config rather than from the checkpoint
@@ -43,6 +43,48 @@ def _param_group_lists(obj):
                 yield v
             else:
                 yield from _param_group_lists(v)
+
+
+def input_layer_norms(core_model, model_cfg) -> dict:
+    """Collective over TP and PP. records.norm_record of this stage's model's input layer, the weight's
+    parts summed over its TP layout: `shard_d` W [D, d/TP] per rank (row norms from all-reduced squared
+    row norms; the output units' (column) norms are whole on each rank and are summed over TP); BPE
+    [V/TP, d] rows per rank (real rows: global id < core_model.real_vocab_size); `replicated` W whole on
+    every rank. Only the first pipeline stage holds the weight; the totals are summed over PP."""
+    from megatron.core import parallel_state as ps
+
+    first = ps.is_pipeline_first_stage(ignore_virtual=True)
+    emb = core_model.embedding.word_embeddings if first else None
+    device = emb.weight.device if emb is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    stats = torch.zeros(8, dtype=torch.float64, device=device)
+    tp_group = ps.get_tensor_model_parallel_group()
+    sharded = ps.get_tensor_model_parallel_world_size() > 1 and (
+        model_cfg.input_layer == "bpe" or model_cfg.kronecker_tp == "shard_d"
+    )
+    if emb is not None:
+        w = emb.weight.detach().double()
+        by_columns = model_cfg.input_layer == "kronecker"  # shard_d splits d; BPE splits rows
+        row_sq = (w**2).sum(1)
+        if sharded and by_columns:
+            torch.distributed.all_reduce(row_sq, group=tp_group)
+        stats += weight_sums(
+            w,
+            model_cfg.input_layer,
+            real_rows=getattr(core_model, "real_vocab_size", None),
+            row_offset=getattr(emb, "vocab_start_index", 0),
+            row_sq=row_sq,
+        )
+        if sharded:
+            # parts of the sums (entries; BPE rows; units / real rows): add over TP. shard_d rows are
+            # whole already (all-reduced above): their norm sum and count stay this rank's
+            part = stats.clone()
+            torch.distributed.all_reduce(part, group=tp_group)
+            if by_columns:
+                part[:2] = stats[:2]
+            stats = part
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(stats, group=ps.get_pipeline_model_parallel_group())
+    return norm_record(stats, model_cfg.input_layer)
 
 
 class MegatronEngine:
@@ -185,47 +227,9 @@ class MegatronEngine:
         return self._reduce_loss(stats)[0] if stats else None
 
     def norm_stats(self) -> dict:
-        """The paper's norm-drift statistics of the input layer (first stage): mean row L2 norm and the
-        std of the weight, over the whole (TP-partitioned) weight, sent to the logging rank."""
-        ps = self.ps
-        w = (
-            self.core_model.embedding.word_embeddings.weight
-            if ps.is_pipeline_first_stage(ignore_virtual=True)
-            else None
-        )
-        device = w.device if w is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        # [sum of row norms, rows, sum, sum of squares, elements]
-        stats = torch.zeros(5, dtype=torch.float64, device=device)
-        tp_group = ps.get_tensor_model_parallel_group()
-        sharded = ps.get_tensor_model_parallel_world_size() > 1 and (
-            self.model_cfg.input_layer == "bpe" or self.model_cfg.kronecker_tp == "shard_d"
-        )
-        if w is not None:
-            w = w.detach().double()
-            row_sq = (w**2).sum(1)
-            by_columns = self.model_cfg.input_layer == "kronecker"  # shard_d splits d; BPE splits rows
-            if sharded and by_columns:
-                torch.distributed.all_reduce(row_sq, group=tp_group)
-            stats += torch.stack(
-                [
-                    row_sq.sqrt().sum(),
-                    torch.tensor(float(w.shape[0]), device=device),
-                    w.sum(),
-                    (w**2).sum(),
-                    torch.tensor(float(w.numel()), device=device),
-                ]
-            )
-            if sharded:
-                part = stats[2:].clone()
-                torch.distributed.all_reduce(part, group=tp_group)
-                stats[2:] = part
-                if not by_columns:
-                    rows = stats[:2].clone()
-                    torch.distributed.all_reduce(rows, group=tp_group)
-                    stats[:2] = rows
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            torch.distributed.all_reduce(stats, group=ps.get_pipeline_model_parallel_group())
-        return norm_record(stats, self.model_cfg.input_layer)
+        """The paper's norm-drift statistics of the input layer (first stage), over the whole
+        (TP-partitioned) weight, sent to the logging rank (`input_layer_norms`)."""
+        return input_layer_norms(self.core_model, self.model_cfg)
 
     # --- the engine contract (engine.py) ------------------------------------------------------------
     def set_learning_rate(self, lr: float) -> None:

@@ -1,5 +1,6 @@
 """What one logged step says: the per-step record (loss, lr, throughput, MFU, memory) and the paper's
-norm-drift statistics of the input layer, from totals each engine gathers over its own layout.
+norm-drift statistics of the input layer (`norm_record`), from totals each engine gathers over its own
+layout (`weight_sums`).
 
 MFU (docs/design.md §6.1): model FLOPs per trained token from `model_flops_per_token` (the transformer
 layers' matmuls, causal attention, the head; the input layer is a gather and counts 0), times tokens/s,
@@ -85,19 +86,68 @@ def step_record(
     return record
 
 
-def weight_sums(w: torch.Tensor) -> torch.Tensor:
-    """[sum of row L2 norms, rows, sum, sum of squares, elements] of a whole 2-D weight, in fp64."""
+def weight_sums(
+    w: torch.Tensor, input_layer: str, *, real_rows: int | None = None, row_offset: int = 0, row_sq=None
+) -> torch.Tensor:
+    """Totals of one rank's part of the input layer's weight, in fp64, that add up over the parts:
+
+    [sum of row L2 norms, rows, sum, sum of squares, elements, paper sum, paper sum of squares, paper count]
+
+    The last three are the paper's statistic (docs/paper.md "Norm drift"): Kronecker W [D, d] -> the L2
+    norms of its d output units (the columns: each is whole on the rank that holds it, so a `shard_d` part
+    gives its own columns' norms); BPE table [V, d] -> the L2 norms of the rows whose global id
+    (`row_offset` + local row) is below `real_rows` (padded rows left out). `row_sq`: the squared row
+    norms when the rows are split over ranks (shard_d: all-reduced by the caller); else from `w`."""
     w = w.detach().double()
-    n = torch.tensor(float(w.shape[0]), device=w.device)
+    dev = w.device
+    if row_sq is None:
+        row_sq = (w**2).sum(1)
+    if input_layer == "kronecker":
+        paper = (w**2).sum(0).sqrt()  # the norms of this part's output units
+    else:
+        real = w.shape[0] if real_rows is None else max(0, min(w.shape[0], real_rows - row_offset))
+        paper = row_sq[:real].sqrt()
+
+    def count(n) -> torch.Tensor:
+        return torch.tensor(float(n), device=dev)
+
     return torch.stack(
-        [(w**2).sum(1).sqrt().sum(), n, w.sum(), (w**2).sum(), torch.tensor(float(w.numel()), device=w.device)]
+        [
+            row_sq.sqrt().sum(),
+            count(w.shape[0]),
+            w.sum(),
+            (w**2).sum(),
+            count(w.numel()),
+            paper.sum(),
+            (paper**2).sum(),
+            count(paper.numel()),
+        ]
     )
 
 
+def _mean_std(total: torch.Tensor, squares: torch.Tensor, n: torch.Tensor) -> tuple[float, float]:
+    """Mean and (unbiased, as torch.std) standard deviation from a sum, a sum of squares and a count."""
+    mean = (total / n.clamp_min(1)).item()
+    m = n.clamp_min(2)
+    return mean, ((squares - total**2 / m) / (m - 1)).clamp_min(0).sqrt().item()
+
+
 def norm_record(stats: torch.Tensor, input_layer: str) -> dict:
-    """The norm-drift statistics from `weight_sums`-style totals: mean row norm and std."""
-    row_norm = (stats[0] / stats[1].clamp_min(1)).item()
+    """The norm-drift statistics from `weight_sums` totals (summed over the parts of the weight):
+
+    - Kronecker: `projection_row_norm` (mean L2 norm of W's D rows) and `projection_std` (of W's entries);
+      the paper's `projection_unit_norm` (mean over the d output units of the L2 norm of the unit's D
+      weights, W's column norms: about 1.0 at init, W ~ N(0, 1/D)) and `projection_unit_norm_std`.
+    - BPE: the paper's `table_row_norm` (mean L2 norm of the real ids' rows, padded rows left out) and
+      `table_row_norm_std`; `table_std` (of all the table's entries)."""
     n = stats[4].clamp_min(2)
     std = ((stats[3] - stats[2] ** 2 / n) / (n - 1)).clamp_min(0).sqrt().item()
-    name = "projection" if input_layer == "kronecker" else "table"
-    return {f"{name}_row_norm": row_norm, f"{name}_std": std}
+    paper, paper_std = _mean_std(stats[5], stats[6], stats[7])
+    if input_layer == "kronecker":
+        return {
+            "projection_row_norm": (stats[0] / stats[1].clamp_min(1)).item(),
+            "projection_std": std,
+            "projection_unit_norm": paper,
+            "projection_unit_norm_std": paper_std,
+        }
+    return {"table_row_norm": paper, "table_row_norm_std": paper_std, "table_std": std}
