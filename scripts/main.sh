@@ -18,3 +18,6 @@ fi
 $K train configs/tiny-cpu.yaml "$@"
 $K train configs/tiny-cpu-bpe.yaml "$@"
 $K compare runs/tiny-cpu runs/tiny-cpu-bpe --out runs/compare
+# the README's demo table: spelling robustness and the paper's norm drift of the two checkpoints
+$K probe typos runs/tiny-cpu runs/tiny-cpu-bpe --out runs/probes
+$K probe norm-drift runs/tiny-cpu runs/tiny-cpu-bpe --out runs/probes
