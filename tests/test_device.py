@@ -80,6 +80,8 @@ def test_rank_takes_local_rank_modulo_the_visible_gpus(monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: None)
     monkeypatch.setattr(distributed, "_check_one_rank_per_gpu", lambda: None)
     monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # init_distributed fills these in: keep them out of
+    monkeypatch.setenv("MASTER_PORT", "29999")  # this process's environment (later tests start jobs)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert distributed.init_distributed("cuda") == "cuda"

@@ -109,6 +109,10 @@ class TrainTask:
             if code:
                 raise RuntimeError(f"training exited with status {code}")
             return {"run_dir": str(Path(self.resolved_config).parent)}
+        # a MASTER_ADDR/PORT exported from the submitting shell means nothing here, and every element of a
+        # job array would share it: submitit derives the port from this job's id instead
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(name, None)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         # one OpenMP thread per CPU of the task, not one per core of the node for every rank
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
