@@ -74,15 +74,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_ranks() -> int:
-    """Ranks of this job on this node (torchrun's LOCAL_WORLD_SIZE, Slurm's tasks per node)."""
-    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
-        value = os.environ.get(name, "").split("(")[0]  # Slurm may write "8(x2)"
-        if value.isdigit():
-            return int(value)
-    return 1
-
-
 def init_distributed(requested: str = "auto") -> str:
     """This rank's process group, from RANK / WORLD_SIZE / LOCAL_RANK (torchrun, srun or `kscale train`):
     NCCL on CUDA, else gloo with megatron's CPU compatibility layer. Returns the device ("cuda" or "cpu");

@@ -76,6 +76,7 @@ class KroneckerEmbedding(nn.Module):
         self.embedding_dim = d_model
         self.length_normalize, self.z_normalize, self.eps = length_normalize, z_normalize, eps
         self.impl = impl
+        self._resolved: tuple[str, str] | None = None  # (weight's device type, implementation)
         self.deterministic = deterministic
         self.gradient_accumulation_fusion = gradient_accumulation_fusion
         self.byte_table_fingerprint = byte_table.fingerprint
@@ -111,8 +112,14 @@ class KroneckerEmbedding(nn.Module):
     # --- implementation choice ------------------------------------------------------------
     def resolved_impl(self) -> str:
         """The implementation the next forward runs: `triton` asked for and unusable is an error; `auto`
-        is triton on CUDA, and says so (with the reason) when it has to use the torch path instead."""
-        on_cuda = self.weight.is_cuda
+        is triton on CUDA, and says so (with the reason) when it has to use the torch path instead.
+        Decided once per device the weight lives on (not on every forward)."""
+        device = self.weight.device.type
+        if self._resolved is None or self._resolved[0] != device:
+            self._resolved = (device, self._resolve(device == "cuda"))
+        return self._resolved[1]
+
+    def _resolve(self, on_cuda: bool) -> str:
         if self.impl == "triton":
             problem = triton_problem(on_cuda)
             if problem:
