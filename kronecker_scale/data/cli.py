@@ -125,9 +125,6 @@ def cmd_cut_tokenizer(args) -> int:
     return 0
 
 
-# --- benchmarks (top-level benchmarks/, installed as kronecker_scale.benchmarks) ---------------
-
-
 def add_data_commands(sub) -> None:
     """The data subcommands (sub = the top-level add_subparsers object)."""
     s = sub.add_parser("prepare-data", help="tokenize text into MDS shards of fixed-length uint32 samples")
